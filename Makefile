@@ -1,0 +1,47 @@
+# The two commands of the README:
+#   make book   creates the environment if missing, re-executes every chapter, builds the HTML
+#   make test   creates the environment if missing, runs the test suite (incl. a smoke build of the book)
+# Variables: PROFILE=smoke|quick|paper  DEVICE=auto|cpu|cuda[:N]  PYTHON=python3.11
+
+PYTHON  ?= python3.11
+VENV    ?= .venv
+PROFILE ?= quick
+DEVICE  ?= auto
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.bnbook-installed
+DEBIAN_PACKAGES := chromium dataset-fashion-mnist
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: book test setup debian clean-book help
+
+help:
+	@echo "make book   - run every chapter (PROFILE=$(PROFILE), DEVICE=$(DEVICE)) and build _build/html"
+	@echo "make test   - run the test suite"
+	@echo "make setup  - create $(VENV) from requirements.lock and install Debian packages"
+
+book: setup
+	$(BIN)/bnbook run --profile $(PROFILE) --device $(DEVICE)
+	$(BIN)/bnbook build
+
+test: setup
+	$(BIN)/python -m pytest
+
+setup: $(STAMP) debian
+
+# The environment is rebuilt when the lock file or pyproject.toml changes.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+# Debian packages: Chromium (headless page checks) and the offline Fashion-MNIST dataset.
+debian:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+clean-book:
+	rm -rf _build book/chapters book/_records book/status.md

@@ -1,0 +1,19 @@
+"""bnbook: the helper library behind the executable book on Batch Normalization.
+
+Modules (one responsibility each):
+
+- :mod:`bnbook.config`  -- typed chapter configs and the smoke/quick/paper profiles
+- :mod:`bnbook.env`     -- device selection and the machine/version record
+- :mod:`bnbook.results` -- result folders named by a config hash, result files
+- :mod:`bnbook.plots`   -- the book's figure style and figure saving
+- :mod:`bnbook.report`  -- tables and inline numbers rendered from result files
+- :mod:`bnbook.data`    -- datasets as device tensors
+- :mod:`bnbook.norms`   -- BatchNorm (and its relatives) written from scratch
+- :mod:`bnbook.run`     -- the ``bnbook`` command: runs chapters, builds the book
+- :mod:`bnbook.experiments` -- one module per chapter: its config and experiment
+"""
+
+from bnbook.errors import BnbookError
+
+__all__ = ["BnbookError"]
+__version__ = "0.1.0"

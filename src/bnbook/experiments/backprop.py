@@ -1,0 +1,411 @@
+"""Chapter 2, "Backpropagation through BN": every claim of the derivation, checked numerically.
+
+The experiment feeds real images (``mnist5k``) through a random linear layer (and a
+random 3×3 convolution) into BN, pushes a real loss (cross-entropy through a random
+linear head, with the true labels) back through it, and measures, in float64:
+
+- the staged chain rule (Ioffe & Szegedy §3), the compact formula and PyTorch's autograd
+  of its native BN agree, and the second term of ∂ℓ/∂μ vanishes;
+- the Jacobian of one unit equals (γ/s)·P, P = I − 11ᵀ/m − x̂x̂ᵀ/m, and P's projection
+  properties hold exactly at ε = 0, with the predicted O(ε/σ²) defect at ε > 0;
+- the gradient is orthogonal to 1 and to x̂, BN is invariant to scaling/shifting its input,
+  and so the weight gradient is orthogonal to the weights;
+- the same for a convolution (per channel over N, H, W), and the inference-mode Jacobian
+  (diagonal: no batch coupling);
+- speed: forward+backward of the hand-written Function against PyTorch's native kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bnbook import backprop as bp
+from bnbook import data, norms
+from bnbook.config import ChapterConfig
+from bnbook.errors import BnbookError
+from bnbook.results import Outcome, Result
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+F64 = torch.float64
+
+
+@dataclasses.dataclass(frozen=True)
+class BackpropConfig(ChapterConfig):
+    """Chapter 2's numerical checks and benchmark. Defaults are the quick profile."""
+
+    dataset: str = "mnist5k"  # images fed to the random layers
+    batch: int = 64  # m of the fully connected case (the Jacobian figure is m×m)
+    units: int = 16  # units of the random linear layer before BN
+    unit: int = 0  # the unit whose Jacobian is drawn
+    eps: float = 1e-5  # PyTorch's default; the paper gives no value
+    lr: float = 0.1  # step size of the first-order weight-norm check
+    conv_batch: int = 4  # N of the convolutional case
+    conv_channels: int = 4  # C of the convolutional case
+    conv_pool: int = 4  # images average-pooled by this factor (28/4 = 7: m = N·7·7)
+    population_batches: int = 8  # batches of size `batch` averaged for inference statistics
+    bench_shapes: tuple[tuple[int, ...], ...] = ((256, 512), (128, 64, 8, 8), (32, 64, 32, 32))
+    bench_repeats: int = 20  # timed repeats (median reported)
+    bench_warmup: int = 3  # untimed warm-up repeats
+    threads: int = 1  # torch threads during the experiment; 0: torch's default
+
+    profiles: ClassVar = {
+        "smoke": {
+            "batch": 12, "units": 4, "conv_batch": 2, "conv_channels": 2, "population_batches": 2,
+            "bench_shapes": ((64, 32), (8, 4, 8, 8)), "bench_repeats": 3, "bench_warmup": 1,
+        },
+        "paper": {
+            "batch": 128, "units": 100, "conv_batch": 8,
+            "bench_shapes": (
+                (256, 512), (1024, 4096), (128, 64, 8, 8), (32, 64, 32, 32),
+                (128, 64, 32, 32), (64, 256, 16, 16),
+            ),
+            "bench_repeats": 50, "bench_warmup": 5, "threads": 0,
+        },
+    }
+
+    def __post_init__(self) -> None:
+        if self.batch < 2 or self.conv_batch < 1:
+            raise BnbookError(f"batch must be >= 2 and conv_batch >= 1, got {self.batch}, {self.conv_batch}")
+        if not 0 <= self.unit < self.units:
+            raise BnbookError(f"unit must be in [0, {self.units}), got {self.unit}")
+        if self.eps <= 0:
+            raise BnbookError(f"eps must be > 0 (the chapter contrasts it with eps = 0), got {self.eps}")
+        if 28 % self.conv_pool:
+            raise BnbookError(f"conv_pool must divide 28, got {self.conv_pool}")
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    """max |a − b| / max |b| (0 when both vanish)."""
+    scale = b.abs().max()
+    return float((a - b).abs().max() / scale) if scale > 0 else float((a - b).abs().max())
+
+
+def _cos(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine of the angle between matching rows of a and b (unit by unit)."""
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def _abs_max(t: Tensor) -> float:
+    return float(t.abs().max())
+
+
+@dataclasses.dataclass
+class _Setup:
+    """The fully connected case: u (m, d) images, W (units, d), head V, labels."""
+
+    u: Tensor
+    w: Tensor
+    gamma: Tensor
+    beta: Tensor
+    head: Tensor
+    labels: Tensor
+
+
+def _setup(cfg: BackpropConfig, ds: data.Dataset, gen: torch.Generator) -> _Setup:
+    idx = torch.randperm(len(ds.y_train), generator=gen)[: cfg.batch]
+    u = ds.x_train[idx].flatten(1).to(F64)
+    d = u.shape[1]
+    w = torch.randn(cfg.units, d, generator=gen, dtype=F64) / d**0.5
+    gamma = 0.5 + 1.5 * torch.rand(cfg.units, generator=gen, dtype=F64)
+    beta = 0.5 * torch.randn(cfg.units, generator=gen, dtype=F64)
+    head = torch.randn(ds.num_classes, cfg.units, generator=gen, dtype=F64) / cfg.units**0.5
+    return _Setup(u, w, gamma, beta, head, ds.y_train[idx])
+
+
+def _loss(s: _Setup, y: Tensor) -> Tensor:
+    """Cross-entropy of a random linear head on BN's output (a real downstream loss)."""
+    return F.cross_entropy(y @ s.head.T, s.labels)
+
+
+def _weight_grad(s: _Setup, w: Tensor, eps: float) -> Tensor:
+    w = w.detach().clone().requires_grad_()
+    y = bp.manual_batch_norm(s.u @ w.T, s.gamma, s.beta, eps)
+    (grad,) = torch.autograd.grad(_loss(s, y), w)
+    return grad
+
+
+def _fc_checks(cfg: BackpropConfig, s: _Setup) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Staged = compact = autograd; the Jacobian and P; orthogonality; invariance; weights."""
+    metrics: dict[str, Any] = {}
+    x = (s.u @ s.w.T).requires_grad_()
+    y = F.batch_norm(x, None, None, s.gamma, s.beta, training=True, eps=cfg.eps)
+    (g,) = torch.autograd.grad(_loss(s, y), y)  # g = ∂ℓ/∂y, the incoming gradient
+    gamma = s.gamma.clone().requires_grad_()
+    beta = s.beta.clone().requires_grad_()
+    y = F.batch_norm(x, None, None, gamma, beta, training=True, eps=cfg.eps)
+    auto = torch.autograd.grad(y, (x, gamma, beta), g)
+    x = x.detach()
+    staged = bp.staged_gradients(g, x, s.gamma, cfg.eps)
+    x_hat, _, inv_std = bp.normalize(x, cfg.eps)
+    compact = bp.bn_backward_compact(g, x_hat, s.gamma, inv_std)
+    for name, i in (("x", 0), ("gamma", 1), ("beta", 2)):
+        metrics[f"staged_vs_autograd_{name}"] = _rel(staged[name], auto[i])
+        metrics[f"compact_vs_autograd_{name}"] = _rel(compact[i], auto[i])
+    metrics["compact_vs_staged_x"] = _rel(compact[0], staged["x"])
+    metrics["dmu_via_var_max"] = _abs_max(staged["mean_via_var"])
+    metrics["dmu_max"] = _abs_max(staged["mean"])
+    metrics["dmu_via_var_relative"] = metrics["dmu_via_var_max"] / metrics["dmu_max"]
+    metrics["sum_x_minus_mu_max"] = _abs_max((x - x.mean(0)).sum(0))
+
+    # Orthogonality of ∂ℓ/∂x to 1 (exact for every ε) and to x̂ (exact at ε = 0), unit by unit.
+    grad_x = auto[0].T  # (units, m)
+    ones = torch.ones_like(grad_x)
+    metrics["cos_grad_ones_max"] = _abs_max(_cos(grad_x, ones))
+    xh0, _, inv0 = bp.normalize(x, 0.0)
+    grad_x0 = bp.bn_backward_compact(g, xh0, s.gamma, inv0)[0].T
+    metrics["cos_grad_xhat_eps0_max"] = _abs_max(_cos(grad_x0, xh0.T))
+    metrics["cos_grad_ones_eps0_max"] = _abs_max(_cos(grad_x0, ones))
+    metrics["cos_grad_xhat_eps_max"] = _abs_max(_cos(grad_x, x_hat.T))
+    # predicted at ε > 0: x̂ᵀ ∂ℓ/∂x = (γ/s)·(ε/(σ²+ε))·x̂ᵀg
+    var = x.var(0, correction=0)
+    predicted = s.gamma * inv_std * cfg.eps / (var + cfg.eps) * (x_hat * g).sum(0)
+    metrics["xhat_dot_grad_vs_predicted"] = _rel((x_hat * auto[0]).sum(0), predicted)
+
+    # Invariance: BN(a·x + b) = BN(x) at ε = 0, for a > 0 and b per unit.
+    a = 0.25 + 4 * torch.rand(cfg.units, dtype=F64, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    b = torch.randn(cfg.units, dtype=F64, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    ref = bp.manual_batch_norm(x, s.gamma, s.beta, 0.0)
+    metrics["invariance_eps0"] = _rel(bp.manual_batch_norm(a * x + b, s.gamma, s.beta, 0.0), ref)
+    metrics["invariance_eps"] = _rel(
+        bp.manual_batch_norm(a * x + b, s.gamma, s.beta, cfg.eps), bp.manual_batch_norm(x, s.gamma, s.beta, cfg.eps)
+    )
+
+    # Weights: ⟨W_k, ∂ℓ/∂W_k⟩ = 0 at ε = 0, so an SGD step changes ‖W‖² only by lr²‖∇‖².
+    for tag, eps in (("eps0", 0.0), ("eps", cfg.eps)):
+        grad_w = _weight_grad(s, s.w, eps)
+        metrics[f"cos_w_gradw_{tag}_max"] = _abs_max(_cos(s.w, grad_w))
+        change = (s.w - cfg.lr * grad_w).square().sum() - s.w.square().sum()
+        second_order = cfg.lr**2 * grad_w.square().sum()
+        metrics[f"norm_change_vs_second_order_{tag}"] = float((change - second_order).abs() / second_order)
+    # Ioffe & Szegedy §3.3: ∂ℓ/∂(cW) at cW equals (1/c)·∂ℓ/∂W at W (ε = 0).
+    c = 3.0
+    metrics["scaled_weight_grad_rel"] = _rel(c * _weight_grad(s, c * s.w, 0.0), _weight_grad(s, s.w, 0.0))
+
+    # The Jacobian of one unit: autograd through the native BN vs (γ/s)·P.
+    k = cfg.unit
+    xk = x[:, k]
+    gk, bk = float(s.gamma[k]), float(s.beta[k])
+    jac = bp.jacobian_autograd(xk, gk, bk, cfg.eps)
+    formula = gk * inv_std[k] * bp.projection_matrix(x_hat[:, k])
+    metrics["jacobian_rel"] = _rel(jac, formula)
+    jac32 = bp.jacobian_autograd(xk.float(), gk, bk, cfg.eps).to(F64)
+    metrics["jacobian_rel_float32"] = _rel(jac32, formula)
+    metrics["jacobian_symmetry"] = _rel(jac, jac.T)
+    arrays = {"jac_autograd": jac.numpy(), "jac_formula": formula.numpy()}
+    metrics.update(_projection_checks(xk, cfg.eps))
+    metrics["unit_sigma2"] = float(var[k])
+    return metrics, arrays
+
+
+def _projection_checks(xk: Tensor, eps: float) -> dict[str, float]:
+    """P's properties at ε = 0 (exact) and at ε (defect ε/(σ²+ε) along x̂), for one unit."""
+    out: dict[str, float] = {}
+    m = xk.shape[0]
+    ones = torch.ones_like(xk)
+    for tag, e in (("eps0", 0.0), ("eps", eps)):
+        xh = bp.normalize(xk[:, None], e)[0][:, 0]
+        p = bp.projection_matrix(xh)
+        out[f"P_idempotent_{tag}"] = float(torch.linalg.matrix_norm(p @ p - p, ord=2))  # spectral norm
+        out[f"P_symmetric_{tag}"] = _abs_max(p - p.T)
+        out[f"P_ones_{tag}"] = _abs_max(p @ ones) / m**0.5
+        out[f"P_xhat_{tag}"] = float((p @ xh).norm() / xh.norm())  # the eigenvalue along x̂
+        out[f"P_trace_{tag}"] = float(torch.trace(p))
+        out[f"xhat_norm2_over_m_{tag}"] = float(xh.square().sum() / m)
+    var = float(xk.var(correction=0))
+    out["P_xhat_eps_predicted"] = eps / (var + eps)
+    out["P_idempotent_eps_predicted"] = eps * var / (var + eps) ** 2
+    out["xhat_norm2_over_m_eps_predicted"] = var / (var + eps)
+    out["m"] = m
+    return out
+
+
+def _epsilon_sweep(xk: Tensor, eps: float, points: int = 41) -> dict[str, np.ndarray]:
+    """Rescale one unit so that σ² sweeps 1e-4·ε … 1e4·ε; measure P's defect against the prediction."""
+    base = float(xk.var(correction=0))
+    target = eps * torch.logspace(-4, 4, points, dtype=F64)
+    lam, idem = [], []
+    for s2 in target:
+        xh = bp.normalize((xk * (s2 / base).sqrt())[:, None], eps)[0][:, 0]
+        p = bp.projection_matrix(xh)
+        lam.append(float((p @ xh).norm() / xh.norm()))
+        idem.append(float(torch.linalg.matrix_norm(p @ p - p, ord=2)))
+    s2 = target.numpy()
+    return {
+        "sweep_sigma2": s2,
+        "sweep_lambda": np.array(lam),
+        "sweep_lambda_predicted": eps / (s2 + eps),
+        "sweep_idempotence": np.array(idem),
+        "sweep_idempotence_predicted": eps * s2 / (s2 + eps) ** 2,
+    }
+
+
+def _conv_checks(cfg: BackpropConfig, ds: data.Dataset, gen: torch.Generator) -> dict[str, Any]:
+    """A random 3×3 convolution on pooled images, then BN per channel over (N, H, W)."""
+    idx = torch.randperm(len(ds.y_train), generator=gen)[: cfg.conv_batch]
+    img = F.avg_pool2d(ds.x_train[idx].to(F64), cfg.conv_pool)
+    kernel = torch.randn(cfg.conv_channels, img.shape[1], 3, 3, generator=gen, dtype=F64) / 3.0
+    x = F.conv2d(img, kernel, padding=1)
+    n, c, h, w = x.shape
+    gamma = 0.5 + 1.5 * torch.rand(c, generator=gen, dtype=F64)
+    beta = 0.5 * torch.randn(c, generator=gen, dtype=F64)
+    g = torch.randn(x.shape, generator=gen, dtype=F64)
+    ours = [t.requires_grad_() for t in (x.clone(), gamma.clone(), beta.clone())]
+    grads_ours = torch.autograd.grad(bp.manual_batch_norm(*ours, eps=cfg.eps), ours, g)
+    native = [t.requires_grad_() for t in (x.clone(), gamma.clone(), beta.clone())]
+    y_native = F.batch_norm(native[0], None, None, native[1], native[2], training=True, eps=cfg.eps)
+    grads_native = torch.autograd.grad(y_native, native, g)
+    out: dict[str, Any] = {"conv_shape": [n, c, h, w], "conv_m": n * h * w}
+    for name, a, b in zip(("x", "gamma", "beta"), grads_ours, grads_native):
+        out[f"conv_ours_vs_native_{name}"] = _rel(a, b)
+    per_channel = lambda t: t.transpose(0, 1).reshape(c, -1)  # noqa: E731  (C, N·H·W)
+    xh0, _, inv0 = bp.normalize(x, 0.0)
+    gx0 = bp.bn_backward_compact(g, xh0, gamma, inv0)[0]
+    out["conv_cos_grad_ones_max"] = _abs_max(_cos(per_channel(grads_native[0]), torch.ones(c, n * h * w, dtype=F64)))
+    out["conv_cos_grad_xhat_eps0_max"] = _abs_max(_cos(per_channel(gx0), per_channel(xh0)))
+    # The Jacobian of channel 0 over its m = N·H·W values is again (γ/s)·P.
+    x0 = per_channel(x)[0]
+    jac = bp.jacobian_autograd(x0, float(gamma[0]), 0.0, cfg.eps)
+    xh, _, inv = bp.normalize(x, cfg.eps)
+    formula = gamma[0] * inv[0] * bp.projection_matrix(per_channel(xh)[0])
+    out["conv_jacobian_rel"] = _rel(jac, formula)
+    # A channel's statistics really pool N, H and W: a per-(n, c) normalisation differs.
+    out["conv_not_per_image"] = _rel(
+        F.instance_norm(x, eps=cfg.eps) * gamma[:, None, None] + beta[:, None, None], y_native.detach()
+    )
+    return out
+
+
+def _inference_checks(cfg: BackpropConfig, s: _Setup, ds: data.Dataset, gen: torch.Generator) -> tuple[dict, dict]:
+    """Inference mode: BN is the affine map of Algorithm 2; its Jacobian is diagonal."""
+    x = s.u @ s.w.T
+    k = cfg.unit
+    d = s.u.shape[1]
+    batches = []
+    for _ in range(cfg.population_batches):
+        idx = torch.randint(len(ds.y_train), (cfg.batch,), generator=gen)
+        batches.append(ds.x_train[idx].reshape(-1, d).to(F64) @ s.w.T)
+    mean, var = norms.population_statistics(batches)
+    gk, bk = float(s.gamma[k]), float(s.beta[k])
+    jac_eval = bp.jacobian_autograd(x[:, k], gk, bk, cfg.eps, training=False, running=(mean[k], var[k]))
+    jac_train = bp.jacobian_autograd(x[:, k], gk, bk, cfg.eps)
+    off = ~torch.eye(cfg.batch, dtype=torch.bool)
+    a, _ = norms.inference_affine(mean, var, s.gamma, s.beta, cfg.eps)
+    g = torch.randn(cfg.batch, generator=gen, dtype=F64)
+    metrics = {
+        "eval_offdiag_max": _abs_max(jac_eval[off]),
+        "eval_diag_vs_affine": _rel(torch.diagonal(jac_eval), a[k].expand(cfg.batch)),
+        "train_offdiag_max": _abs_max(jac_train[off]),
+        "train_offdiag_fraction": float(jac_train[off].norm() / jac_train.norm()),
+        "eval_offdiag_fraction": float(jac_eval[off].norm() / jac_eval.norm()),
+        "train_grad_sum": float((jac_train.T @ g).sum().abs() / (jac_train.T @ g).norm()),
+        "eval_grad_sum": float((jac_eval.T @ g).sum().abs() / (jac_eval.T @ g).norm()),
+        "eval_slope": float(a[k]),
+        "train_slope_diag_mean": float(torch.diagonal(jac_train).mean()),
+    }
+    return metrics, {"jac_eval": jac_eval.numpy()}
+
+
+def run(cfg: BackpropConfig, device: torch.device) -> Outcome:
+    """Run every numerical check of chapter 2 (float64, CPU) and the benchmark (on ``device``)."""
+    with bp.num_threads(cfg.threads or None):
+        gen = torch.Generator().manual_seed(cfg.seed)
+        ds = data.load(cfg.dataset)  # the checks are tiny float64 problems: they stay on the CPU
+        s = _setup(cfg, ds, gen)
+        metrics, arrays = _fc_checks(cfg, s)
+        metrics.update(_conv_checks(cfg, ds, gen))
+        inf_metrics, inf_arrays = _inference_checks(cfg, s, ds, gen)
+        metrics.update(inf_metrics)
+        arrays.update(inf_arrays)
+        arrays.update(_epsilon_sweep((s.u @ s.w.T)[:, cfg.unit], cfg.eps))
+        lam_err = np.abs(arrays["sweep_lambda"] / arrays["sweep_lambda_predicted"] - 1)
+        idem_err = np.abs(arrays["sweep_idempotence"] / arrays["sweep_idempotence_predicted"] - 1)
+        metrics["sweep_lambda_rel_err"] = float(lam_err.max())
+        metrics["sweep_idempotence_rel_err"] = float(idem_err.max())
+        rows = bp.benchmark(cfg.bench_shapes, device, cfg.bench_repeats, cfg.bench_warmup, cfg.threads or None)
+    metrics["bench"] = rows
+    metrics["bench_device"] = str(device)
+    metrics["bench_threads"] = cfg.threads or torch.get_num_threads()
+    metrics["bench_manual_ratio_median"] = float(np.median([r["manual_ratio"] for r in rows]))
+    metrics["bench_manual_ratio_min"] = float(min(r["manual_ratio"] for r in rows))
+    metrics["bench_manual_ratio_max"] = float(max(r["manual_ratio"] for r in rows))
+    metrics["bench_autograd_ratio_median"] = float(np.median([r["autograd_ratio"] for r in rows]))
+    metrics["dataset_description"] = ds.description
+    return Outcome(metrics=metrics, arrays=arrays, datasets=[cfg.dataset])
+
+
+# ---------------------------------------------------------------- figures
+def plot_jacobians(res: Result) -> Figure:
+    """Four heat maps of one unit's m×m Jacobian: autograd (training), (γ/s)·P, their
+    difference (own colour scale), and the inference-mode Jacobian."""
+    import matplotlib.pyplot as plt
+
+    a = res.arrays
+    panels = [
+        (a["jac_autograd"], "autograd, training mode"),
+        (a["jac_formula"], r"$(\gamma/s)\,P$"),
+        (a["jac_autograd"] - a["jac_formula"], "difference"),
+        (a["jac_eval"], "autograd, inference mode"),
+    ]
+    vmax = max(float(np.abs(p).max()) for i, (p, _) in enumerate(panels) if i != 2)
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.9), constrained_layout=True)
+    for i, (ax, (mat, title)) in enumerate(zip(axes, panels)):
+        lim = (float(np.abs(mat).max()) or 1.0) if i == 2 else vmax
+        im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set_title(title)
+        ax.set_xlabel("input example $j$")
+        ax.grid(False)
+        if i in (2, 3):
+            fig.colorbar(im, ax=ax, shrink=0.8, format="%.1e" if i == 2 else "%.2f")
+    axes[0].set_ylabel("output example $i$")
+    fig.colorbar(axes[0].images[0], ax=axes[:2], shrink=0.8)
+    return fig
+
+
+def plot_epsilon(res: Result) -> Figure:
+    """P's defect with ε > 0 against σ²/ε: measured points on the predicted curves."""
+    import matplotlib.pyplot as plt
+
+    from bnbook.plots import PALETTE
+
+    a = res.arrays
+    eps = res.config["eps"]
+    r = a["sweep_sigma2"] / eps
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), constrained_layout=True)
+    ax.loglog(r, a["sweep_lambda_predicted"], color=PALETTE["ref"], lw=1, label=r"$\varepsilon/(\sigma^2+\varepsilon)$")
+    ax.loglog(r, a["sweep_lambda"], "o", ms=4, color=PALETTE["bn"], label=r"eigenvalue of $P$ along $\hat x$ (measured)")
+    ax.loglog(r, a["sweep_idempotence_predicted"], color=PALETTE["ref"], lw=1, ls="--",
+              label=r"$\varepsilon\sigma^2/(\sigma^2+\varepsilon)^2$")
+    ax.loglog(r, a["sweep_idempotence"], "s", ms=4, color=PALETTE["no_bn"], label=r"$\|P^2-P\|_2$ (measured)")
+    ax.set_xlabel(r"$\sigma^2/\varepsilon$")
+    ax.set_ylabel("defect")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_benchmark(res: Result) -> Figure:
+    """Median forward+backward time per implementation and shape (log scale)."""
+    import matplotlib.pyplot as plt
+
+    from bnbook.plots import PALETTE
+
+    rows = res.metrics["bench"]
+    names = list(bp.IMPLEMENTATIONS)
+    colours = {"native": PALETTE["ref"], "manual": PALETTE["bn"], "autograd": PALETTE["no_bn"]}
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(rows), 3.8), constrained_layout=True)
+    for j, name in enumerate(names):
+        xs = np.arange(len(rows)) + (j - (len(names) - 1) / 2) * width
+        ax.bar(xs, [r[f"{name}_ms"] for r in rows], width, label=name, color=colours[name])
+    ax.set_xticks(np.arange(len(rows)), [r["shape"] for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward + backward (ms, median)")
+    ax.legend(fontsize=8)
+    return fig

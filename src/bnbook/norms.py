@@ -1,0 +1,454 @@
+"""Batch Normalization written from scratch (chapter 1), with PyTorch's exact semantics.
+
+Algorithm 1 of Ioffe & Szegedy (2015): normalise each feature with the mean and the
+*biased* (1/m) variance of the mini-batch, then scale and shift by learned γ, β.
+Algorithm 2: at inference, use population statistics, with the *unbiased* m/(m-1)
+variance. PyTorch keeps exponential running averages instead: ``momentum`` (0.1)
+weights the new batch, the running variance stores the unbiased batch variance, and
+``momentum=None`` gives the cumulative (equal-weight) average over batches.
+
+For 4-D inputs (N, C, H, W) the statistics are per channel over N, H and W, so the
+effective batch is m = N·H·W (§3.2 of the paper).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """The dimensions BN averages over: all but the feature/channel dimension 1."""
+    if x.dim() < 2:
+        raise ValueError(f"BatchNorm expects input of shape (N, C, ...), got {tuple(x.shape)}")
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a (C,) vector so that it broadcasts against ``x`` along dimension 1."""
+    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Return per-feature batch mean, biased (1/m) batch variance, and m (values per feature)."""
+    dims = reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    mean = x.mean(dim=dims)
+    var = x.var(dim=dims, correction=0)
+    return mean, var, m
+
+
+def batch_norm(
+    x: Tensor,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Algorithm 1 (training mode): y = γ·(x − μ_B)/√(σ²_B + ε) + β with batch statistics."""
+    mean, var, m = batch_stats(x)
+    if m < 2:
+        raise ValueError(
+            f"BatchNorm needs more than 1 value per feature in training mode (got m = {m}): "
+            "the batch variance of a single value is undefined"
+        )
+    x_hat = (x - _per_channel(mean, x)) / torch.sqrt(_per_channel(var, x) + eps)
+    if gamma is not None:
+        x_hat = x_hat * _per_channel(gamma, x)
+    if beta is not None:
+        x_hat = x_hat + _per_channel(beta, x)
+    return x_hat
+
+
+def inference_affine(
+    mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """Algorithm 2, step 3: the fixed affine map y = a·x + b that replaces BN at inference."""
+    a = gamma / torch.sqrt(var + eps)
+    return a, beta - a * mean
+
+
+def population_statistics(batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
+    """Algorithm 2, step 2: E[x] = E_B[μ_B] and Var[x] = m/(m−1)·E_B[σ²_B] over equal-size batches."""
+    means, variances, sizes = [], [], set()
+    for batch in batches:
+        mean, var, m = batch_stats(batch)
+        means.append(mean)
+        variances.append(var)
+        sizes.add(m)
+    if not means:
+        raise ValueError("population_statistics needs at least one batch")
+    if len(sizes) != 1:
+        raise ValueError(f"Algorithm 2 averages batches of one size m; got sizes {sorted(sizes)}")
+    (m,) = sizes
+    return torch.stack(means).mean(0), m / (m - 1) * torch.stack(variances).mean(0)
+
+
+class BatchNorm(nn.Module):
+    """BN over dimension 1 of (N, C), (N, C, L) or (N, C, H, W) inputs; a drop-in for
+    ``torch.nn.BatchNorm1d/2d`` (same arguments, buffers, ``state_dict`` and numbers)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **kw))  # γ
+            self.bias = nn.Parameter(torch.zeros(num_features, **kw))  # β
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+            self.register_buffer("running_var", torch.ones(num_features, **kw))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches seen."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise with batch statistics in training mode, running statistics in eval mode."""
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} features in dim 1, got {x.shape[1]}")
+        use_batch_stats = self.training or not self.track_running_stats
+        if not use_batch_stats:
+            a, b = inference_affine(
+                self.running_mean,
+                self.running_var,
+                self.weight if self.affine else torch.ones_like(self.running_mean),
+                self.bias if self.affine else torch.zeros_like(self.running_mean),
+                self.eps,
+            )
+            return x * _per_channel(a, x) + _per_channel(b, x)
+        y = batch_norm(x, self.weight, self.bias, self.eps)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(x)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, x: Tensor) -> None:
+        mean, var, m = batch_stats(x.detach())
+        self.num_batches_tracked.add_(1)
+        # momentum weights the *new* batch; None means the cumulative average 1/k.
+        # (kept as a tensor so that a CUDA step never waits on the host)
+        if self.momentum is None:
+            factor: Tensor | float = 1.0 / self.num_batches_tracked.to(mean.dtype)
+        else:
+            factor = self.momentum
+        self.running_mean.lerp_(mean, factor)
+        self.running_var.lerp_(var * (m / (m - 1)), factor)  # stores the unbiased variance
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+
+# =====================================================================================
+# BN's relatives (chapter 5, "When the batch is small"): normalisers that do not need a
+# batch (LayerNorm, GroupNorm), one that normalises the weights instead of the
+# activations (Weight Standardization), and one that keeps BN but removes its
+# train/inference mismatch (Batch Renormalization). Same interface style as BatchNorm:
+# inputs (N, C, ...), per-channel affine γ (``weight``) and β (``bias``).
+# =====================================================================================
+
+
+def _check_eps(eps: float) -> float:
+    if not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    return eps
+
+
+def group_norm(
+    x: Tensor,
+    num_groups: int,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Wu & He (2018), eq. 1 with S_i = {same sample, same group of C/G channels}.
+
+    Each sample's channels are split into ``num_groups`` contiguous groups; every group
+    is normalised with its own mean and biased variance over (C/G, H, W), then each
+    channel is scaled by γ and shifted by β. ``num_groups=1`` is LayerNorm over
+    (C, H, W); ``num_groups=C`` is InstanceNorm.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"GroupNorm expects input of shape (N, C, ...), got {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    if num_groups < 1 or c % num_groups:
+        raise ValueError(f"GroupNorm: {c} channels cannot be split into {num_groups} equal groups")
+    g = x.reshape(n, num_groups, -1)
+    mean = g.mean(dim=2, keepdim=True)
+    var = g.var(dim=2, correction=0, keepdim=True)
+    x_hat = ((g - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    if gamma is not None:
+        x_hat = x_hat * _per_channel(gamma, x)
+    if beta is not None:
+        x_hat = x_hat + _per_channel(beta, x)
+    return x_hat
+
+
+class GroupNorm(nn.Module):
+    """Group Normalization (Wu & He 2018); a drop-in for ``torch.nn.GroupNorm``.
+
+    The same computation in training and evaluation mode: no batch statistics, no
+    running buffers, so the batch size plays no role at all.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(
+                f"GroupNorm: num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
+            )
+        kw = {"device": device, "dtype": dtype}
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = _check_eps(eps)
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels, **kw))  # γ, per channel
+            self.bias = nn.Parameter(torch.zeros(num_channels, **kw))  # β, per channel
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise each sample's channel groups with their own mean and variance."""
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"expected {self.num_channels} channels in dim 1, got shape {tuple(x.shape)}")
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+
+class LayerNorm(nn.Module):
+    """Layer Normalization (Ba, Kiros & Hinton 2016); a drop-in for ``torch.nn.LayerNorm``.
+
+    Normalises over the trailing dimensions ``normalized_shape`` of each sample, with an
+    elementwise γ and β of that shape. On an (N, F) input this is the paper's per-case
+    normalisation over the H = F hidden units. (For feature maps, Wu & He's "LN" over
+    (C, H, W) with per-channel γ, β is ``GroupNorm(1, C)``.)
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Iterable[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if not shape or any(s < 1 for s in shape):
+            raise ValueError(f"LayerNorm: normalized_shape must be positive sizes, got {normalized_shape!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.normalized_shape = shape
+        self.eps = _check_eps(eps)
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(shape, **kw))
+            self.bias = nn.Parameter(torch.zeros(shape, **kw))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """μ, σ² over the trailing ``normalized_shape`` dims of each sample (§3 of Ba et al.)."""
+        k = len(self.normalized_shape)
+        if tuple(x.shape[-k:]) != self.normalized_shape:
+            raise ValueError(
+                f"LayerNorm: input's trailing shape {tuple(x.shape[-k:])} is not {self.normalized_shape}"
+            )
+        dims = list(range(x.dim() - k, x.dim()))
+        mean = x.mean(dim=dims, keepdim=True)
+        var = x.var(dim=dims, correction=0, keepdim=True)
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        if self.elementwise_affine:
+            y = y * self.weight + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+def standardize_weight(w: Tensor, eps: float = 1e-5) -> Tensor:
+    """Qiao et al. (2019), eq. 5: Ŵ_i = (W_i − mean(W_i)) / √(var(W_i) + ε) per output row i.
+
+    ``w`` has the output channel in dimension 0 (Linear (O, I), Conv (O, I/groups, k...));
+    mean and the biased variance are over everything else. The ε sits inside the square
+    root as in the paper's equation (the authors' code adds 1e-5 to the unbiased std).
+    """
+    if w.dim() < 2:
+        raise ValueError(f"standardize_weight expects (out, in, ...) weights, got {tuple(w.shape)}")
+    flat = w.reshape(w.shape[0], -1)
+    mean = flat.mean(dim=1, keepdim=True)
+    var = flat.var(dim=1, correction=0, keepdim=True)
+    return ((flat - mean) / torch.sqrt(var + eps)).reshape(w.shape)
+
+
+class WSLinear(nn.Linear):
+    """``nn.Linear`` whose weight is standardised per output unit on every forward pass."""
+
+    ws_eps: float = 1e-5
+
+    def forward(self, x: Tensor) -> Tensor:
+        """y = x Ŵᵀ + b with Ŵ = standardize_weight(W)."""
+        return nn.functional.linear(x, standardize_weight(self.weight, self.ws_eps), self.bias)
+
+
+class WSConv1d(nn.Conv1d):
+    """``nn.Conv1d`` with Weight Standardization (per output channel)."""
+
+    ws_eps: float = 1e-5
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Convolve with the standardised weight Ŵ."""
+        return self._conv_forward(x, standardize_weight(self.weight, self.ws_eps), self.bias)
+
+
+class WSConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with Weight Standardization (per output channel), Qiao et al. (2019)."""
+
+    ws_eps: float = 1e-5
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Convolve with the standardised weight Ŵ."""
+        return self._conv_forward(x, standardize_weight(self.weight, self.ws_eps), self.bias)
+
+
+class BatchRenorm(nn.Module):
+    """Batch Renormalization (Ioffe 2017, Algorithm 1) over dimension 1 of (N, C, ...) inputs.
+
+    Training mode: x̂ = (x − μ_B)/σ_B · r + d with σ_B = √(σ²_B + ε) and the per-channel
+    corrections r = clip(σ_B/σ, 1/r_max, r_max), d = clip((μ_B − μ)/σ, −d_max, d_max),
+    both treated as constants in backprop. The moving averages μ and σ (of μ_B and of
+    σ_B, as in the paper — not of the unbiased variance, as BN stores) are updated with
+    ``momentum``. Evaluation mode: x̂ = (x − μ)/σ. With r = 1, d = 0 this is BN; when
+    the batch statistics equal the moving ones, training and inference agree exactly.
+
+    The limits follow a schedule in the number of training batches t seen so far:
+    r_max = d_max = "off" (1 and 0) for t < ``warmup_steps``, then both are relaxed
+    linearly, reaching ``rmax`` at ``rmax_steps`` and ``dmax`` at ``dmax_steps``.
+    The schedule is evaluated on the device (no host sync per step).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        warmup_steps: int = 0,
+        rmax_steps: int = 0,
+        dmax_steps: int = 0,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if rmax < 1 or dmax < 0:
+            raise ValueError(f"BatchRenorm needs rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"BatchRenorm momentum must be in (0, 1], got {momentum}")
+        if min(warmup_steps, rmax_steps, dmax_steps) < 0:
+            raise ValueError("BatchRenorm schedule steps must be non-negative")
+        kw = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = _check_eps(eps)
+        self.momentum = momentum
+        self.rmax, self.dmax = float(rmax), float(dmax)
+        self.warmup_steps = int(warmup_steps)
+        self.rmax_steps = max(int(rmax_steps), self.warmup_steps)
+        self.dmax_steps = max(int(dmax_steps), self.warmup_steps)
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **kw))  # γ
+            self.bias = nn.Parameter(torch.zeros(num_features, **kw))  # β
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))  # μ
+        self.register_buffer("running_std", torch.ones(num_features, **kw))  # σ (includes ε)
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def _ramp(self, limit: float, end: int, t: Tensor) -> Tensor:
+        """``limit`` times the fraction of the ramp (warmup_steps → ``end``) done at step ``t``."""
+        if end <= self.warmup_steps:
+            frac = (t >= self.warmup_steps).to(self.running_mean.dtype)
+        else:
+            frac = ((t - self.warmup_steps) / (end - self.warmup_steps)).clamp(0, 1).to(self.running_mean.dtype)
+        return frac * limit
+
+    def current_limits(self) -> tuple[Tensor, Tensor]:
+        """(r_max, d_max) in force for the next training batch, as 0-d tensors."""
+        t = self.num_batches_tracked.to(self.running_mean.dtype)
+        r_max = 1 + self._ramp(self.rmax - 1, self.rmax_steps, t)
+        d_max = self._ramp(self.dmax, self.dmax_steps, t)
+        return r_max, d_max
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Training: Algorithm 1 of Ioffe (2017); evaluation: the moving-statistics affine map."""
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} features in dim 1, got shape {tuple(x.shape)}")
+        if not self.training:
+            x_hat = (x - _per_channel(self.running_mean, x)) / _per_channel(self.running_std, x)
+        else:
+            mean, var, m = batch_stats(x)
+            if m < 2:
+                raise ValueError(f"BatchRenorm needs more than 1 value per feature in training mode (got m = {m})")
+            std = torch.sqrt(var + self.eps)
+            with torch.no_grad():  # r and d are constants for backprop (stop-gradient)
+                r_max, d_max = self.current_limits()
+                r = (std / self.running_std).clamp(1 / r_max, r_max)
+                d = ((mean - self.running_mean) / self.running_std).clamp(-d_max, d_max)
+                self.num_batches_tracked.add_(1)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_std.lerp_(std, self.momentum)
+            x_hat = (x - _per_channel(mean, x)) / _per_channel(std, x) * _per_channel(r, x) + _per_channel(d, x)
+        if self.affine:
+            x_hat = x_hat * _per_channel(self.weight, x) + _per_channel(self.bias, x)
+        return x_hat
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, rmax={self.rmax}, "
+            f"dmax={self.dmax}, schedule=({self.warmup_steps}, {self.rmax_steps}, {self.dmax_steps})"
+        )

@@ -1,0 +1,86 @@
+"""Tables and inline numbers rendered from result files (never typed into the prose)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from bnbook.results import Result
+
+Formatter = str | Callable[[Any], str]
+
+
+def fmt(value: Any, spec: Formatter = ".4g") -> str:
+    """Format one cell: ``None``/NaN as an em dash, numbers with ``spec``, the rest with ``str``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if callable(spec):
+        return spec(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return str(value)
+
+
+def markdown_table(
+    rows: Iterable[Mapping[str, Any]],
+    columns: Mapping[str, str],
+    formats: Mapping[str, Formatter] | None = None,
+) -> str:
+    """Return a Markdown table: ``columns`` maps row keys to headers, ``formats`` keys to specs."""
+    formats = formats or {}
+    header = "| " + " | ".join(columns.values()) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = [
+        "| " + " | ".join(fmt(row.get(key), formats.get(key, ".4g")) for key in columns) + " |"
+        for row in rows
+    ]
+    return "\n".join([header, rule, *body])
+
+
+def table(
+    rows: Iterable[Mapping[str, Any]],
+    columns: Mapping[str, str],
+    formats: Mapping[str, Formatter] | None = None,
+):
+    """Display-ready Markdown table (an IPython ``Markdown`` object) for a notebook cell."""
+    from IPython.display import Markdown
+
+    return Markdown(markdown_table(rows, columns, formats))
+
+
+def glue(name: str, value: Any, spec: Formatter = ".3g") -> None:
+    """Store ``value`` formatted under ``name`` for ``{glue}`name``` in the chapter's prose.
+
+    The text is glued as Markdown, so it renders inline without quotes (and may hold `code`).
+    """
+    from IPython.display import Markdown
+    from myst_nb import glue as _glue
+
+    _glue(name, Markdown(fmt(value, spec)), display=False)
+
+
+def provenance(result: Result | Sequence[Result]) -> str:
+    """One sentence naming the dataset(s), machine, runtime and result folder of a result."""
+    results = [result] if isinstance(result, Result) else list(result)
+    parts = []
+    for res in results:
+        env = res.record["environment"]
+        reused = " (reused from cache)" if res.reused else ""
+        parts.append(
+            f"dataset {', '.join(res.record['datasets'])}; computed on {env['device']} "
+            f"({env['device_name']}), torch {env['torch']}, in {res.record['runtime_s']:.1f} s"
+            f"{reused}; result folder `{res.record['chapter']}/{res.record['key']}`"
+        )
+    return "; ".join(parts) + "."
+
+
+def glue_figure(name: str, fig: Any) -> None:
+    """Store ``fig`` under ``name`` for a numbered ``{glue:figure}`` with a caption, and close it.
+
+    Closing keeps the inline backend from showing the figure a second time in the cell's output.
+    """
+    import matplotlib.pyplot as plt
+    from myst_nb import glue as _glue
+
+    _glue(name, fig, display=False)
+    plt.close(fig)

@@ -1,0 +1,479 @@
+"""Both sides of Santurkar et al.'s Theorems 4.1, 4.2, 4.4 and Lemma 4.5 (chapter 4).
+
+The setting is §4.1 of Santurkar et al. (2018): one BN layer after a fully-connected layer,
+``y = W x``; for one output unit ``j`` the batch column ``y_j ∈ R^m`` is standardised,
+``ŷ_j = (y_j − μ_j 1) / s_j`` with ``s_j = sqrt(σ_j² + ε)`` and the *biased* batch variance
+``σ_j²``, and ``z_j = γ_j ŷ_j + β_j`` feeds an arbitrary downstream loss ``L(z)``, with
+``γ, β`` held constant. ``L̂(y) = L(γ ŷ(y) + β)`` is the BN network's loss. The
+unnormalised network is the same downstream loss fed directly by its layer output, so at
+the same downstream input its layer gradient is ``g = ∂L/∂z`` — the comparison every
+theorem makes.
+
+Tensors are ``(m,)`` for one unit or ``(m, n)`` for ``n`` units side by side (one column
+per unit); every per-unit result then has shape ``()`` or ``(n,)``. Work in float64 when
+checking identities. The functions return plain tensors or small dataclasses of tensors,
+so the chapter and the tests compute each side of each statement with the same code.
+
+The network-level helpers (:func:`measure_bn_layers`, :func:`measure_plain_layers`)
+evaluate the same quantities at every BN layer of a trained ``nn.Sequential`` network,
+with exact Hessian-vector products (``torch.func``, forward-over-reverse).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from bnbook.errors import BnbookError
+
+__all__ = [
+    "TheoryError",
+    "batch_standardize",
+    "projection_matrix",
+    "bn_input_gradient",
+    "Thm41",
+    "theorem41",
+    "bn_second_derivative",
+    "bn_hessian_quadratic_form",
+    "Thm42",
+    "theorem42",
+    "Thm44",
+    "theorem44",
+    "Lemma45",
+    "lemma45",
+    "unitwise_quadratic_forms",
+    "LayerMeasurement",
+    "measure_bn_layers",
+    "measure_plain_layers",
+]
+
+
+class TheoryError(BnbookError):
+    """Inputs that do not describe a BN layer and batch (wrong shapes, m < 2, zero spread)."""
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_batch(name: str, t: Tensor) -> int:
+    """Return the batch size m of a ``(m,)`` or ``(m, n)`` tensor, or raise :class:`TheoryError`."""
+    if not isinstance(t, Tensor):
+        raise TheoryError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() not in (1, 2):
+        raise TheoryError(f"{name} must have shape (m,) or (m, n), got {tuple(t.shape)}")
+    m = t.shape[0]
+    if m < 2:
+        raise TheoryError(f"{name} has batch size m = {m}: BN needs m >= 2")
+    return m
+
+
+def _check_same(**tensors: Tensor) -> int:
+    """Check that all tensors have one shape; return m."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        listed = ", ".join(f"{k}{s}" for k, s in shapes.items())
+        raise TheoryError(f"shapes must agree (one column per unit over the batch): {listed}")
+    name, first = next(iter(tensors.items()))
+    return _check_batch(name, first)
+
+
+def _per_unit(v: Tensor | float, like: Tensor, name: str) -> Tensor:
+    """``v`` (a scalar or one value per unit) as a tensor broadcasting like a column reduction."""
+    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    units = like.shape[1:]  # () or (n,)
+    if v.dim() > 0 and tuple(v.shape) != tuple(units):
+        raise TheoryError(f"{name} must be a scalar or have one value per unit {tuple(units)}, got {tuple(v.shape)}")
+    return v
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Column-wise inner product over the batch dimension."""
+    return (a * b).sum(dim=0)
+
+
+# ------------------------------------------------------------------- BN forward/backward
+def _standardize(y: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    s = torch.sqrt(y.var(dim=0, correction=0) + eps)
+    return (y - y.mean(dim=0)) / s, s
+
+
+def batch_standardize(y: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Return ``(ŷ, s)``: each column standardised over the batch, and ``s = sqrt(σ² + ε)``.
+
+    ``σ²`` is the biased (1/m) batch variance, as in Algorithm 1 of Ioffe & Szegedy.
+    """
+    _check_batch("y", y)
+    if eps < 0:
+        raise TheoryError(f"eps must be >= 0, got {eps}")
+    y_hat, s = _standardize(y, eps)
+    if bool((s == 0).any()):
+        raise TheoryError("a unit has zero batch variance and eps = 0: ŷ is undefined")
+    return y_hat, s
+
+
+def _private_projection_matrix(y_hat: Tensor) -> Tensor:
+    m = y_hat.shape[0]
+    one = torch.ones(m, 1, dtype=y_hat.dtype, device=y_hat.device)
+    col = y_hat.reshape(m, 1)
+    return torch.eye(m, dtype=y_hat.dtype, device=y_hat.device) - one @ one.T / m - col @ col.T / m
+
+
+try:  # chapter 2 owns the projection; use it when it is there
+    from bnbook.backprop import projection_matrix as _shared_projection_matrix
+except ImportError:  # pragma: no cover - depends on the other chapter's progress
+    _shared_projection_matrix = None
+
+
+def projection_matrix(y_hat: Tensor) -> Tensor:
+    """Return ``P = I − 11ᵀ/m − ŷŷᵀ/m`` for one unit's ``ŷ ∈ R^m`` (chapter 2's projection).
+
+    With ε = 0, ``P`` is the orthogonal projection onto the complement of span{1, ŷ}, and
+    the Jacobian of BN is ``(γ/σ) P`` (Fact C.2 of Santurkar et al.).
+    """
+    _check_batch("y_hat", y_hat)
+    if y_hat.dim() != 1:
+        raise TheoryError(f"projection_matrix takes one unit's ŷ of shape (m,), got {tuple(y_hat.shape)}")
+    if _shared_projection_matrix is not None:
+        return _shared_projection_matrix(y_hat)
+    return _private_projection_matrix(y_hat)
+
+
+def bn_input_gradient(g: Tensor, y_hat: Tensor, gamma: Tensor | float, s: Tensor | float) -> Tensor:
+    """Return ``∂L̂/∂y = (γ/s)(g − mean(g) 1 − ŷ ⟨ŷ, g⟩/m)`` (Fact C.1), column by column.
+
+    ``g = ∂L/∂z``. The formula holds for any ε ≥ 0 (with ``s = sqrt(σ² + ε)``).
+    """
+    m = _check_same(g=g, y_hat=y_hat)
+    gamma = _per_unit(gamma, g, "gamma")
+    s = _per_unit(s, g, "s")
+    return gamma / s * (g - g.mean(dim=0) - y_hat * _dot(y_hat, g) / m)
+
+
+# -------------------------------------------------------------------------- Theorem 4.1
+@dataclasses.dataclass
+class Thm41:
+    """The pieces of Theorem 4.1 for each unit (tensors of shape () or (n,)).
+
+    ``rhs_printed`` uses the paper's coefficient 1/√m on the ŷ term; ``rhs_corrected`` is
+    the exact value of ‖∇_y L̂‖²: 1/m when ε = 0, and (2 − ρ)/m with ρ = ‖ŷ‖²/m in general.
+    """
+
+    scale: Tensor  # γ² / s²  (s = σ when ε = 0)
+    grad_sq: Tensor  # ‖g‖², g = ∂L/∂z: the unnormalised network's ‖∇_y L‖² at the same z
+    mean_term: Tensor  # ⟨1, g⟩² / m
+    yhat_term: Tensor  # ⟨g, ŷ⟩² / m
+    rho: Tensor  # ‖ŷ‖² / m = σ² / (σ² + ε); 1 when ε = 0
+    rhs_corrected: Tensor  # exact ‖∇_y L̂‖²
+    rhs_printed: Tensor  # the paper's right-hand side (1/√m on the ŷ term)
+
+
+def theorem41(g: Tensor, y_hat: Tensor, gamma: Tensor | float, s: Tensor | float) -> Thm41:
+    """Return both right-hand sides of Theorem 4.1 and its terms, for each unit.
+
+    ``g = ∂L/∂z`` is the downstream gradient, ``ŷ`` the standardised batch, ``s`` the
+    batch standard deviation (with ε inside, if any). Compare with ``‖∇_y L̂‖²`` computed
+    independently (autograd or :func:`bn_input_gradient`).
+    """
+    m = _check_same(g=g, y_hat=y_hat)
+    gamma = _per_unit(gamma, g, "gamma")
+    s = _per_unit(s, g, "s")
+    scale = gamma**2 / s**2
+    grad_sq = _dot(g, g)
+    mean_term = g.sum(dim=0) ** 2 / m
+    yhat_term = _dot(g, y_hat) ** 2 / m
+    rho = _dot(y_hat, y_hat) / m
+    # Pythagoras on P g (ε = 0); for ε > 0 the cross term gives (2 − ρ) instead of 1.
+    rhs_corrected = scale * (grad_sq - mean_term - (2 - rho) * yhat_term)
+    rhs_printed = scale * (grad_sq - mean_term - math.sqrt(m) * yhat_term)  # ⟨g,ŷ⟩²/√m
+    return Thm41(scale, grad_sq, mean_term, yhat_term, rho, rhs_corrected, rhs_printed)
+
+
+# -------------------------------------------------------------------------- Theorem 4.2
+def bn_second_derivative(v: Tensor, y_hat: Tensor, s: Tensor | float) -> Tensor:
+    """Return ``d²ŷ(y + t v)/dt²`` at ``t = 0``, column by column (any ε ≥ 0).
+
+    With ``v̄ = v − mean(v)``, ``α = ⟨ŷ, v̄⟩/m`` and ``b = ‖v̄‖²/m``:
+    ``ŷ'' = (ŷ (3α² − b) − 2 α v̄) / s²``. For ε = 0 and ``v ⊥ 1, ŷ`` this is ``−‖v‖² ŷ/(m σ²)``.
+    """
+    m = _check_same(v=v, y_hat=y_hat)
+    s = _per_unit(s, v, "s")
+    v_bar = v - v.mean(dim=0)
+    alpha = _dot(y_hat, v_bar) / m
+    b = _dot(v_bar, v_bar) / m
+    return (y_hat * (3 * alpha**2 - b) - 2 * alpha * v_bar) / s**2
+
+
+def bn_hessian_quadratic_form(
+    v: Tensor,
+    g: Tensor,
+    y_hat: Tensor,
+    gamma: Tensor | float,
+    s: Tensor | float,
+    uHu: Tensor,
+) -> Tensor:
+    """Return ``vᵀ (∂²L̂/∂y∂y) v`` per unit, exactly, for any direction ``v`` and any ε.
+
+    Chain rule to second order: ``(Jv)ᵀ H (Jv) + γ ⟨g, ŷ''⟩`` with ``J = ∂z/∂y``. The
+    caller passes ``uHu = (Jv)ᵀ H (Jv)``, the downstream Hessian's quadratic form in the
+    pushed-forward direction ``u = Jv`` (see :func:`bn_input_gradient` with g → v for ``Jv``).
+    """
+    _check_same(v=v, g=g, y_hat=y_hat)
+    gamma = _per_unit(gamma, g, "gamma")
+    return uHu + gamma * _dot(g, bn_second_derivative(v, y_hat, s))
+
+
+@dataclasses.dataclass
+class Thm42:
+    """The pieces of Theorem 4.2 for each unit, with ``v = ∇_y L̂`` (the BN net's gradient)."""
+
+    scaled_curvature: Tensor  # (γ²/σ²) vᵀ H v
+    reduction: Tensor  # (γ / (m σ²)) ⟨g, ŷ⟩ ‖v‖²  (subtracted)
+    rhs_first: Tensor  # first printed form: scaled_curvature − reduction (= the LHS at ε = 0)
+    rhs_second: Tensor  # second printed form: (γ²/σ²)(gᵀHg − ⟨g,ŷ⟩‖v‖²/(mγ))
+    v_sq: Tensor  # ‖v‖²
+    g_inner_yhat: Tensor  # ⟨g, ŷ⟩
+
+
+def theorem42(
+    g: Tensor,
+    y_hat: Tensor,
+    gamma: Tensor | float,
+    s: Tensor | float,
+    v: Tensor,
+    vHv: Tensor,
+    gHg: Tensor,
+) -> Thm42:
+    """Return the right-hand sides of Theorem 4.2 (σ read as σ_j), for each unit.
+
+    ``v = ∇_y L̂``; ``vHv`` and ``gHg`` are the downstream Hessian ``H = ∂²L/∂z∂z``'s quadratic
+    forms in the directions ``v`` and ``g``. Compare with ``vᵀ (∂²L̂/∂y∂y) v`` from an HVP.
+    """
+    m = _check_same(g=g, y_hat=y_hat, v=v)
+    gamma = _per_unit(gamma, g, "gamma")
+    s = _per_unit(s, g, "s")
+    scale = gamma**2 / s**2
+    v_sq = _dot(v, v)
+    g_y = _dot(g, y_hat)
+    scaled = scale * vHv
+    reduction = gamma / (m * s**2) * g_y * v_sq
+    rhs_second = scale * (gHg - g_y * v_sq / (m * gamma))
+    return Thm42(scaled, reduction, scaled - reduction, rhs_second, v_sq, g_y)
+
+
+# -------------------------------------------------------------------------- Theorem 4.4
+@dataclasses.dataclass
+class Thm44:
+    """Theorem 4.4 on one batch ``X`` with spectral norm λ, for each unit j.
+
+    ``lhs = ‖∇_{W_·j} L̂‖² = ‖Xᵀ ∇_{y_j} L̂‖²``. ``g_max = λ² ‖g‖²`` is the largest
+    ``‖Xᵀ g‖²`` over inputs with ‖X‖ ≤ λ at a fixed output gradient g (the paper's g_j).
+    """
+
+    lam: Tensor  # λ = ‖X‖₂
+    lhs: Tensor  # ‖∇_W L̂‖² for this X
+    plain: Tensor  # ‖Xᵀ g‖²: the unnormalised net's weight gradient at the same z
+    g_max: Tensor  # λ² ‖g‖²
+    rhs_corrected: Tensor  # (γ²/σ²)(g_max − λ² m μ_g² − (λ²/m) ⟨g, ŷ⟩²)
+    rhs_printed: Tensor  # (γ²/σ²)(g_max² − m μ_g² − λ² ⟨g, ŷ⟩²), μ_g read as mean(g)
+
+
+def theorem44(X: Tensor, g: Tensor, y_hat: Tensor, gamma: Tensor | float, s: Tensor | float) -> Thm44:
+    """Return both sides of Theorem 4.4 (printed and corrected) for the input batch ``X``.
+
+    ``X`` is (m, d), the layer's input batch (``y = X W``); ``g``, ``ŷ`` are (m,) or (m, n).
+    The corrected bound is Theorem 4.1 (exact, ε = 0) times ``‖X‖₂²``.
+    """
+    m = _check_same(g=g, y_hat=y_hat)
+    if X.dim() != 2 or X.shape[0] != m:
+        raise TheoryError(f"X must be the (m, d) input batch with m = {m}, got {tuple(X.shape)}")
+    gamma_t = _per_unit(gamma, g, "gamma")
+    s_t = _per_unit(s, g, "s")
+    lam = torch.linalg.matrix_norm(X, ord=2)
+    grad_y = bn_input_gradient(g, y_hat, gamma_t, s_t)
+    lhs = (X.T @ grad_y.reshape(m, -1)).pow(2).sum(dim=0).reshape(g.shape[1:])
+    plain = (X.T @ g.reshape(m, -1)).pow(2).sum(dim=0).reshape(g.shape[1:])
+    t41 = theorem41(g, y_hat, gamma_t, s_t)
+    g_max = lam**2 * t41.grad_sq
+    mu_g = g.mean(dim=0)
+    rhs_corrected = t41.scale * (g_max - lam**2 * m * mu_g**2 - lam**2 * t41.yhat_term)
+    rhs_printed = t41.scale * (g_max**2 - m * mu_g**2 - lam**2 * _dot(g, y_hat) ** 2)
+    return Thm44(lam, lhs, plain, g_max, rhs_corrected, rhs_printed)
+
+
+# --------------------------------------------------------------------------- Lemma 4.5
+@dataclasses.dataclass
+class Lemma45:
+    """Lemma 4.5 on one instance: distances from ``W0`` to ``W*`` and to the BN optimum ``k W*``."""
+
+    k: float  # ⟨W*, W0⟩ / ‖W*‖²: the closest point of the ray {k W*: k > 0}
+    dist_sq_plain: float  # ‖W0 − W*‖²
+    dist_sq_bn: float  # ‖W0 − k W*‖²
+    gain_predicted: float  # (‖W*‖² − ⟨W*, W0⟩)² / ‖W*‖²
+
+
+def lemma45(W0: Tensor, W_star: Tensor) -> Lemma45:
+    """Return the quantities of Lemma 4.5; ``dist_sq_plain − dist_sq_bn`` equals ``gain_predicted``.
+
+    Requires ``⟨W0, W*⟩ > 0`` (the lemma's hypothesis), which makes ``k > 0`` so that ``k W*``
+    is again an optimum of the BN network (scale invariance with γ, β fixed).
+    """
+    if W0.shape != W_star.shape:
+        raise TheoryError(f"W0 {tuple(W0.shape)} and W* {tuple(W_star.shape)} must have one shape")
+    w0, ws = W0.reshape(-1).double(), W_star.reshape(-1).double()
+    inner, norm_sq = float(w0 @ ws), float(ws @ ws)
+    if norm_sq == 0:
+        raise TheoryError("W* = 0: the lemma needs a non-zero optimum")
+    if inner <= 0:
+        raise TheoryError(f"Lemma 4.5 assumes ⟨W0, W*⟩ > 0, got {inner:.4g}")
+    k = inner / norm_sq
+    return Lemma45(
+        k=k,
+        dist_sq_plain=float((w0 - ws).pow(2).sum()),
+        dist_sq_bn=float((w0 - k * ws).pow(2).sum()),
+        gain_predicted=(norm_sq - inner) ** 2 / norm_sq,
+    )
+
+
+# ------------------------------------------------------------- networks: exact measurements
+def unitwise_quadratic_forms(f: Callable[[Tensor], Tensor], Y: Tensor, D: Tensor) -> Tensor:
+    """Return ``q_j = D_jᵀ (∂²f/∂Y_j∂Y_j) D_j`` for every column j of ``Y`` (shape (n,)).
+
+    Each is one exact Hessian-vector product (forward-over-reverse, ``torch.func``) with a
+    tangent that is zero outside column j; the n products run as one ``vmap``.
+    """
+    if Y.shape != D.shape or Y.dim() != 2:
+        raise TheoryError(f"Y and D must both be (m, n), got {tuple(Y.shape)} and {tuple(D.shape)}")
+    n = Y.shape[1]
+    eye = torch.eye(n, dtype=Y.dtype, device=Y.device)
+    tangents = D.unsqueeze(0) * eye.unsqueeze(1)  # (n, m, n): tangent j lives in column j
+    grad_f = torch.func.grad(f)
+
+    def hvp(t: Tensor) -> Tensor:
+        return torch.func.jvp(grad_f, (Y,), (t,))[1]
+
+    return (torch.func.vmap(hvp)(tangents) * tangents).sum(dim=(1, 2))
+
+
+@dataclasses.dataclass
+class LayerMeasurement:
+    """Per-unit quantities at one layer of a network on one batch (float64 tensors of shape (n,))."""
+
+    index: int  # position of the BN (or Linear) module in the Sequential
+    values: dict[str, Tensor]
+
+
+def _is_bn(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__ == "BatchNorm"
+
+
+def _functional_copy(model: nn.Sequential) -> nn.Sequential:
+    """A float64 copy whose BN layers use batch statistics and never write running buffers.
+
+    (``torch.func`` transforms forbid in-place buffer updates; batch statistics are what the
+    training-mode loss uses anyway.)
+    """
+    model = copy.deepcopy(model).double().train()
+    for module in model.modules():
+        if _is_bn(module):
+            module.track_running_stats = False
+            module.running_mean = None
+            module.running_var = None
+            if hasattr(module, "num_batches_tracked"):
+                module.num_batches_tracked = None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def measure_bn_layers(
+    model: nn.Sequential,
+    x: Tensor,
+    labels: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+    eps: float = 0.0,
+) -> list[LayerMeasurement]:
+    """Evaluate Theorems 4.1 and 4.2 at every BN layer of ``model`` on the batch ``(x, labels)``.
+
+    For each BN module the measured layer is recomputed in float64 with ``ε = eps`` (default
+    0, the paper's setting); everything downstream — later BN layers included — is the
+    network as it is, in training mode. Returned per unit: ``grad_sq_bn`` (‖∇_y L̂‖² by
+    autograd), the :class:`Thm41` and :class:`Thm42` pieces, ``curv_bn`` (``vᵀ∇²L̂v`` by HVP,
+    ``v = ∇_y L̂``), ``vHv``, ``gHg``, ``gamma``, ``sigma``. The model is not modified.
+    """
+    net = _functional_copy(model)
+    x = x.to(dtype=torch.float64)
+    out: list[LayerMeasurement] = []
+    for i, module in enumerate(net):
+        if not _is_bn(module):
+            continue
+        prefix, suffix = net[:i], net[i + 1 :]
+        with torch.no_grad():
+            Y = prefix(x)
+        if Y.dim() != 2:
+            raise TheoryError(f"BN layer {i} sees a {Y.dim()}-d input; the theorems are for (m, n) layers")
+        gamma = module.weight.detach() if module.weight is not None else torch.ones_like(Y[0])
+        beta = module.bias.detach() if module.bias is not None else torch.zeros_like(Y[0])
+
+        def loss_of_z(Z: Tensor, suffix=suffix) -> Tensor:
+            return loss_fn(suffix(Z), labels)
+
+        def loss_of_y(Yv: Tensor, gamma=gamma, beta=beta, loss_of_z=loss_of_z) -> Tensor:
+            y_hat, _ = _standardize(Yv, eps)  # no checks: runs under torch.func transforms
+            return loss_of_z(gamma * y_hat + beta)
+
+        y_hat, s = batch_standardize(Y, eps)
+        Z = gamma * y_hat + beta
+        g = torch.func.grad(loss_of_z)(Z)
+        v = torch.func.grad(loss_of_y)(Y)
+        curv_bn = unitwise_quadratic_forms(loss_of_y, Y, v)
+        vHv = unitwise_quadratic_forms(loss_of_z, Z, v)
+        gHg = unitwise_quadratic_forms(loss_of_z, Z, g)
+        t41 = theorem41(g, y_hat, gamma, s)
+        t42 = theorem42(g, y_hat, gamma, s, v, vHv, gHg)
+        values = {
+            "grad_sq_bn": _dot(v, v),
+            "curv_bn": curv_bn,
+            "vHv": vHv,
+            "gHg": gHg,
+            "gamma": gamma.clone(),
+            "sigma": s.clone(),
+            **{f"t41_{k}": val for k, val in dataclasses.asdict(t41).items()},
+            **{f"t42_{k}": val for k, val in dataclasses.asdict(t42).items()},
+        }
+        out.append(LayerMeasurement(i, values))
+    if not out:
+        raise TheoryError("measure_bn_layers found no BN layer in the model")
+    return out
+
+
+def measure_plain_layers(
+    model: nn.Sequential,
+    x: Tensor,
+    labels: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+) -> list[LayerMeasurement]:
+    """Per-unit ``‖∂L/∂y_j‖²`` and ``g_jᵀ H_jj g_j`` at every hidden Linear output of a network.
+
+    Meant for the network without BN, to set its own layer gradients beside the BN net's.
+    The last Linear (the classifier) is skipped: it has no BN counterpart.
+    """
+    net = _functional_copy(model)
+    x = x.to(dtype=torch.float64)
+    linear = [i for i, mod in enumerate(net) if isinstance(mod, nn.Linear)]
+    out: list[LayerMeasurement] = []
+    for i in linear[:-1]:
+        prefix, suffix = net[: i + 1], net[i + 1 :]
+        with torch.no_grad():
+            Y = prefix(x)
+
+        def loss_of_y(Yv: Tensor, suffix=suffix) -> Tensor:
+            return loss_fn(suffix(Yv), labels)
+
+        g = torch.func.grad(loss_of_y)(Y)
+        out.append(LayerMeasurement(i, {"grad_sq": _dot(g, g), "gHg": unitwise_quadratic_forms(loss_of_y, Y, g)}))
+    if not out:
+        raise TheoryError("measure_plain_layers needs at least two Linear layers")
+    return out
