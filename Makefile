@@ -12,7 +12,7 @@ STAMP   := $(VENV)/.bnbook-installed
 DEBIAN_PACKAGES := chromium dataset-fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: book test setup debian clean-book help
+.PHONY: book test setup debian clean-book help lock
 
 help:
 	@echo "make book   - run every chapter (PROFILE=$(PROFILE), DEVICE=$(DEVICE)) and build _build/html"
@@ -45,3 +45,11 @@ debian:
 
 clean-book:
 	rm -rf _build book/chapters book/_records book/status.md
+
+# Maintainers: after changing the environment by hand, rewrite the lock and environment.yml from it.
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^bnbook' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements.lock
+	{ echo "# Conda environment with the same pins as requirements.lock (a test checks they agree)."; \
+	  echo "# conda env create -f environment.yml && conda activate bnbook && pip install --no-deps -e ."; \
+	  printf 'name: bnbook\nchannels:\n  - conda-forge\ndependencies:\n  - python=3.11\n  - pip\n  - pip:\n'; \
+	  sed 's/^/      - /' requirements.lock; } > environment.yml

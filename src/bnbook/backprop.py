@@ -228,9 +228,10 @@ def jacobian_autograd(x: Tensor, gamma: float = 1.0, beta: float = 0.0, eps: flo
                       training: bool = True, running: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Return the m×m Jacobian dy/dx of PyTorch's native BN for one unit's batch ``x`` (shape (m,)).
 
-    Computed by autograd through ``torch.nn.functional.batch_norm`` (independent of this
-    module's formulas). ``training=False`` uses ``running = (mean, var)`` (scalars as 0-d or
-    (1,) tensors): the inference-mode affine map.
+    Computed by autograd through ``torch.nn.functional.batch_norm``, independent of this
+    module's formulas. PyTorch refuses ε = 0 in training mode; for ε = 0 autograd goes
+    instead through chapter 1's op-by-op :func:`bnbook.norms.batch_norm`. ``training=False``
+    uses ``running = (mean, var)`` (scalars as 0-d or (1,) tensors): the inference-mode affine map.
     """
     if x.dim() != 1:
         raise BnbookError(f"jacobian_autograd expects one unit's batch, shape (m,), got {tuple(x.shape)}")
@@ -241,6 +242,8 @@ def jacobian_autograd(x: Tensor, gamma: float = 1.0, beta: float = 0.0, eps: flo
     rm, rv = (None, None) if running is None else (running[0].reshape(1), running[1].reshape(1))
 
     def f(v: Tensor) -> Tensor:
+        if training and eps == 0:
+            return norms.batch_norm(v[:, None], g, b, eps=0.0)[:, 0]
         return F.batch_norm(v[:, None], rm, rv, g, b, training=training, eps=eps)[:, 0]
 
     return torch.autograd.functional.jacobian(f, x)

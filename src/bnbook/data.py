@@ -11,13 +11,29 @@ Offline datasets:
   any experiment's seed) and split 4,000 train / 1,000 test.
 - ``fashion-mnist``: the full Fashion-MNIST, 60,000 train / 10,000 test, read from the
   gzipped IDX files of the Debian package ``dataset-fashion-mnist``.
+
+Downloaded on first use into ``<data>/<name>/`` (:func:`bnbook.paths.data_dir`) by
+``pooch``, each file checked against its published MD5 before it is used:
+
+- ``mnist``: the official MNIST, 60,000 train / 10,000 test, four gzipped IDX files from
+  the PyTorch mirror of LeCun's site (:data:`REMOTE`).
+- ``cifar10``: CIFAR-10, 50,000 train / 10,000 test, 32×32 RGB, the official python
+  tarball from the University of Toronto; standardised per channel.
+
+Without network, or when a file fails its checksum, :class:`DatasetError` says which
+file is missing, where to put it by hand, and which offline dataset to use instead. A
+partial or corrupt file never passes: pooch writes to a temporary file and moves it into
+place only after the checksum matches, and a file already in place is re-checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
+import pickle
 import struct
+import tarfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -27,6 +43,7 @@ import torch
 from torch import Tensor
 
 from bnbook.errors import DatasetError
+from bnbook.paths import data_dir
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLIT_SEED = 0  # fixed: the train/test split never depends on an experiment's seed
@@ -153,9 +170,147 @@ def _fashion_mnist() -> Dataset:
     )
 
 
+# ---------------------------------------------------------------- downloaded datasets
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    """One file of a downloaded dataset: where it comes from and its published checksum."""
+
+    fname: str
+    url: str
+    known_hash: str  # "md5:<hex>" or "sha256:<hex>", as pooch expects
+
+
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+REMOTE: dict[str, tuple[RemoteFile, ...]] = {
+    "mnist": tuple(
+        RemoteFile(f, _MNIST_URL + f, "md5:" + md5)
+        for f, md5 in [
+            ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+            ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+            ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        ]
+    ),
+    "cifar10": (
+        RemoteFile(
+            "cifar-10-python.tar.gz",
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "md5:c58f30108f718f92721af3b95e74349a",
+        ),
+    ),
+}
+"""The files of each downloaded dataset (tests point these at local copies)."""
+
+OFFLINE_ALTERNATIVE = {"mnist": "mnist5k", "cifar10": "fashion-mnist"}
+
+
+def fetch(name: str) -> list[Path]:
+    """Return the local paths of dataset ``name``'s files, downloading and checking them if needed.
+
+    Raises :class:`DatasetError` naming the missing file, the folder to put it in by hand
+    and an offline alternative, when a download fails or a checksum does not match.
+    """
+    import pooch
+
+    pooch.get_logger().setLevel(logging.WARNING)
+    folder = data_dir() / name
+    paths = []
+    for f in REMOTE[name]:
+        try:
+            paths.append(
+                Path(pooch.retrieve(f.url, known_hash=f.known_hash, fname=f.fname, path=folder, progressbar=False))
+            )
+        except Exception as exc:  # noqa: BLE001 - network, HTTP and checksum errors all mean "not available"
+            raise DatasetError(
+                f"dataset {name!r} is not available: could not get {f.fname} from {f.url} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}). "
+                f"Download it by hand and put it at {folder / f.fname} (it must match {f.known_hash}), "
+                f"or use the offline dataset {OFFLINE_ALTERNATIVE[name]!r}"
+            ) from exc
+    return paths
+
+
+def read_cifar10_tar(path: Path) -> dict[str, np.ndarray]:
+    """Read the CIFAR-10 python tarball: uint8 images (N, 3, 32, 32) and int64 labels for train and test."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            batches = {}
+            for member in tar.getmembers():
+                base = member.name.rsplit("/", 1)[-1]
+                if base.startswith("data_batch_") or base == "test_batch":
+                    # the tarball passed its checksum, so unpickling it is safe
+                    batches[base] = pickle.load(tar.extractfile(member), encoding="bytes")
+    except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError) as exc:
+        raise DatasetError(f"cannot read the CIFAR-10 tarball {path}: {exc}") from exc
+    train_names = [f"data_batch_{i}" for i in range(1, 6)]
+    missing = [n for n in [*train_names, "test_batch"] if n not in batches]
+    if missing:
+        raise DatasetError(f"{path} is not the CIFAR-10 python tarball: it lacks {', '.join(missing)}")
+
+    def images(names: list[str]) -> np.ndarray:
+        data = np.concatenate([np.asarray(batches[n][b"data"], dtype=np.uint8) for n in names])
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DatasetError(f"{path}: CIFAR-10 batches should hold rows of 3072 bytes, got {data.shape}")
+        return data.reshape(-1, 3, 32, 32)
+
+    def labels(names: list[str]) -> np.ndarray:
+        return np.concatenate([np.asarray(batches[n][b"labels"], dtype=np.int64) for n in names])
+
+    return {
+        "x_train": images(train_names),
+        "y_train": labels(train_names),
+        "x_test": images(["test_batch"]),
+        "y_test": labels(["test_batch"]),
+    }
+
+
+def _check_split(name: str, arr: dict[str, np.ndarray]) -> None:
+    for split in ("train", "test"):
+        x, y = arr[f"x_{split}"], arr[f"y_{split}"]
+        if len(x) != len(y):
+            raise DatasetError(f"dataset {name!r}: {len(x)} {split} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() > 9):
+            raise DatasetError(f"dataset {name!r}: {split} labels outside 0..9")
+
+
+def _mnist() -> Dataset:
+    paths = {f.fname: p for f, p in zip(REMOTE["mnist"], fetch("mnist"))}
+    arr = {
+        "x_train": read_idx(paths["train-images-idx3-ubyte.gz"]),
+        "y_train": read_idx(paths["train-labels-idx1-ubyte.gz"]).astype(np.int64),
+        "x_test": read_idx(paths["t10k-images-idx3-ubyte.gz"]),
+        "y_test": read_idx(paths["t10k-labels-idx1-ubyte.gz"]).astype(np.int64),
+    }
+    _check_split("mnist", arr)
+    x_train, x_test = standardize(
+        torch.from_numpy(arr["x_train"].copy()).unsqueeze(1), torch.from_numpy(arr["x_test"].copy()).unsqueeze(1)
+    )
+    return Dataset(
+        "mnist", x_train, torch.from_numpy(arr["y_train"]), x_test, torch.from_numpy(arr["y_test"]), DIGITS,
+        f"MNIST, the official {len(arr['y_train']):,} train / {len(arr['y_test']):,} test split",
+    )
+
+
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _cifar10() -> Dataset:
+    (path,) = fetch("cifar10")
+    arr = read_cifar10_tar(path)
+    _check_split("cifar10", arr)
+    x_train, x_test = standardize(torch.from_numpy(arr["x_train"]), torch.from_numpy(arr["x_test"]))
+    return Dataset(
+        "cifar10", x_train, torch.from_numpy(arr["y_train"]), x_test, torch.from_numpy(arr["y_test"]), CIFAR10,
+        f"CIFAR-10, the official {len(arr['y_train']):,} train / {len(arr['y_test']):,} test split, "
+        "standardised per channel",
+    )
+
+
 LOADERS: dict[str, Callable[[], Dataset]] = {
     "mnist5k": _mnist5k,
     "fashion-mnist": _fashion_mnist,
+    "mnist": _mnist,
+    "cifar10": _cifar10,
 }
 
 

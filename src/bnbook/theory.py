@@ -22,6 +22,7 @@ with exact Hessian-vector products (``torch.func``, forward-over-reverse).
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 import math
 from typing import Callable
@@ -29,6 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from bnbook import backprop
 from bnbook.errors import BnbookError
 
 __all__ = [
@@ -114,19 +116,6 @@ def batch_standardize(y: Tensor, eps: float = 0.0) -> tuple[Tensor, Tensor]:
     return y_hat, s
 
 
-def _private_projection_matrix(y_hat: Tensor) -> Tensor:
-    m = y_hat.shape[0]
-    one = torch.ones(m, 1, dtype=y_hat.dtype, device=y_hat.device)
-    col = y_hat.reshape(m, 1)
-    return torch.eye(m, dtype=y_hat.dtype, device=y_hat.device) - one @ one.T / m - col @ col.T / m
-
-
-try:  # chapter 2 owns the projection; use it when it is there
-    from bnbook.backprop import projection_matrix as _shared_projection_matrix
-except ImportError:  # pragma: no cover - depends on the other chapter's progress
-    _shared_projection_matrix = None
-
-
 def projection_matrix(y_hat: Tensor) -> Tensor:
     """Return ``P = I − 11ᵀ/m − ŷŷᵀ/m`` for one unit's ``ŷ ∈ R^m`` (chapter 2's projection).
 
@@ -134,22 +123,23 @@ def projection_matrix(y_hat: Tensor) -> Tensor:
     the Jacobian of BN is ``(γ/σ) P`` (Fact C.2 of Santurkar et al.).
     """
     _check_batch("y_hat", y_hat)
-    if y_hat.dim() != 1:
-        raise TheoryError(f"projection_matrix takes one unit's ŷ of shape (m,), got {tuple(y_hat.shape)}")
-    if _shared_projection_matrix is not None:
-        return _shared_projection_matrix(y_hat)
-    return _private_projection_matrix(y_hat)
+    return backprop.projection_matrix(y_hat)
 
 
 def bn_input_gradient(g: Tensor, y_hat: Tensor, gamma: Tensor | float, s: Tensor | float) -> Tensor:
     """Return ``∂L̂/∂y = (γ/s)(g − mean(g) 1 − ŷ ⟨ŷ, g⟩/m)`` (Fact C.1), column by column.
 
-    ``g = ∂L/∂z``. The formula holds for any ε ≥ 0 (with ``s = sqrt(σ² + ε)``).
+    ``g = ∂L/∂z``. The formula holds for any ε ≥ 0 (with ``s = sqrt(σ² + ε)``); it is
+    chapter 2's compact backward (:func:`bnbook.backprop.bn_backward_compact`).
     """
-    m = _check_same(g=g, y_hat=y_hat)
+    _check_same(g=g, y_hat=y_hat)
     gamma = _per_unit(gamma, g, "gamma")
     s = _per_unit(s, g, "s")
-    return gamma / s * (g - g.mean(dim=0) - y_hat * _dot(y_hat, g) / m)
+    units = g.shape[1:]
+    g2, y2 = g.reshape(g.shape[0], -1), y_hat.reshape(g.shape[0], -1)
+    n = g2.shape[1]
+    grad, _, _ = backprop.bn_backward_compact(g2, y2, gamma.expand(units).reshape(n), (1 / s).expand(units).reshape(n))
+    return grad.reshape(g.shape)
 
 
 # -------------------------------------------------------------------------- Theorem 4.1
@@ -477,3 +467,154 @@ def measure_plain_layers(
     if not out:
         raise TheoryError("measure_plain_layers needs at least two Linear layers")
     return out
+
+
+def as_sequential(model: nn.Module) -> nn.Sequential:
+    """Return ``model`` as an ``nn.Sequential`` sharing its modules.
+
+    Accepts a Sequential, or a :class:`bnbook.nets.MLP`-like model (``linears``, ``norms``,
+    ``act``, ``readout``), which becomes ``Linear, norm, act, …, readout``.
+    """
+    if isinstance(model, nn.Sequential):
+        return model
+    if all(hasattr(model, a) for a in ("linears", "norms", "act", "readout")):
+        layers: list[nn.Module] = []
+        for lin, norm in zip(model.linears, model.norms):
+            layers += [lin, norm, model.act]
+        return nn.Sequential(*layers, model.readout)
+    raise TheoryError(f"cannot read {type(model).__name__} as a sequence of layers: pass an nn.Sequential or a bnbook.nets.MLP")
+
+
+# ------------------------------------------------------------------ random instances
+INSTANCE_KINDS = ("linear", "cubic", "mlp")
+"""Downstream losses of random instances: linear, quadratic-plus-cubic (units coupled), a small tanh MLP with cross-entropy."""
+
+
+@dataclasses.dataclass
+class Instance:
+    """One BN layer on one batch with a downstream loss: ``L̂(y) = loss_of_z(γ ŷ(y) + β)``."""
+
+    y: Tensor  # (m, n) pre-BN outputs
+    gamma: Tensor  # (n,)
+    beta: Tensor  # (n,)
+    loss_of_z: Callable[[Tensor], Tensor]
+    kind: str
+
+    def loss_of_y(self, y: Tensor, eps: float = 0.0) -> Tensor:
+        """The BN network's loss ``L̂`` as a function of the pre-BN outputs."""
+        y_hat, _ = _standardize(y, eps)
+        return self.loss_of_z(self.gamma * y_hat + self.beta)
+
+
+def random_instance(m: int, n: int, kind: str, seed: int, gamma: float | None = None) -> Instance:
+    """A float64 random BN layer (m × n batch, random scale and offset per unit) with a ``kind`` loss.
+
+    ``gamma``: one value for every unit; by default γ is drawn per unit from ±U(0.2, 3).
+    """
+    if kind not in INSTANCE_KINDS:
+        raise TheoryError(f"unknown instance kind {kind!r}; known: {', '.join(INSTANCE_KINDS)}")
+    if m < 2 or n < 1:
+        raise TheoryError(f"an instance needs m >= 2 and n >= 1, got m = {m}, n = {n}")
+    gen = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, **f64)
+
+    scale = torch.exp(torch.empty(n, **f64).uniform_(-2.3, 2.3, generator=gen))  # σ from 0.1 to 10
+    y = rand(m, n) * scale + rand(n) * 3
+    if gamma is None:
+        sign = torch.where(torch.rand(n, generator=gen) < 0.2, -1.0, 1.0).to(torch.float64)
+        g = sign * torch.empty(n, **f64).uniform_(0.2, 3.0, generator=gen)
+    else:
+        g = torch.full((n,), float(gamma), **f64)
+    beta = rand(n)
+    w = rand(m, n)
+    if kind == "linear":
+        def loss_of_z(z: Tensor) -> Tensor:
+            return (w * z).sum() / m
+    elif kind == "cubic":
+        B = rand(n, n) / math.sqrt(n)
+
+        def loss_of_z(z: Tensor) -> Tensor:
+            return ((w * z).sum() + 0.5 * (z @ B).pow(2).sum() + 0.1 * z.pow(3).sum()) / m
+    else:
+        V = rand(n, 5)
+        labels = torch.randint(0, 5, (m,), generator=gen)
+
+        def loss_of_z(z: Tensor) -> Tensor:
+            return nn.functional.cross_entropy(torch.tanh(z) @ V, labels)
+
+    return Instance(y, g, beta, loss_of_z, kind)
+
+
+def check_instance(inst: Instance, eps: float = 0.0, direction_seed: int = 0) -> dict[str, Tensor]:
+    """Every side of Theorems 4.1 and 4.2 on one instance, with the left sides from autograd.
+
+    Returns per-unit tensors: ``grad_sq`` (‖∇_y L̂‖², autograd), the :class:`Thm41` right
+    sides, ``curv`` (``vᵀ∇²L̂v`` by HVP, ``v = ∇_y L̂``), the :class:`Thm42` right sides, and,
+    for a random direction ``d``, ``curv_dir`` (HVP) beside ``curv_dir_formula``
+    (:func:`bn_hessian_quadratic_form`, exact for any ε).
+    """
+    y = inst.y
+    y_hat, s = batch_standardize(y, eps)
+    z = inst.gamma * y_hat + inst.beta
+    g = torch.func.grad(inst.loss_of_z)(z)
+    loss_y = functools.partial(inst.loss_of_y, eps=eps)
+    v = torch.func.grad(loss_y)(y)
+    t41 = theorem41(g, y_hat, inst.gamma, s)
+    curv = unitwise_quadratic_forms(loss_y, y, v)
+    t42 = theorem42(
+        g, y_hat, inst.gamma, s, v,
+        unitwise_quadratic_forms(inst.loss_of_z, z, v),
+        unitwise_quadratic_forms(inst.loss_of_z, z, g),
+    )
+    d = torch.randn(y.shape, generator=torch.Generator().manual_seed(direction_seed), dtype=y.dtype)
+    u = bn_input_gradient(d, y_hat, inst.gamma, s)  # J d (J is symmetric)
+    curv_dir_formula = bn_hessian_quadratic_form(
+        d, g, y_hat, inst.gamma, s, unitwise_quadratic_forms(inst.loss_of_z, z, u)
+    )
+    return {
+        "grad_sq": _dot(v, v),
+        "grad_sq_plain": t41.grad_sq,
+        "rhs41_corrected": t41.rhs_corrected,
+        "rhs41_printed": t41.rhs_printed,
+        "curv": curv,
+        "rhs42_first": t42.rhs_first,
+        "rhs42_second": t42.rhs_second,
+        "curv_dir": unitwise_quadratic_forms(loss_y, y, d),
+        "curv_dir_formula": curv_dir_formula,
+    }
+
+
+def check_theorem44(
+    m: int, d: int, n: int, kind: str, seed: int, lam: float = 1.0, loss_scale: float = 1.0
+) -> dict[str, Tensor]:
+    """Theorem 4.4 on a random layer ``y = X W`` whose input batch has spectral norm ``lam``.
+
+    The downstream loss (of ``kind``, see :func:`random_instance`) is multiplied by
+    ``loss_scale``: a rescaled loss shows the printed statement's units do not match.
+    Returns per-unit tensors: ``lhs_autograd`` (‖∇_{W·j} L̂‖² by autograd) and the
+    :class:`Thm44` fields.
+    """
+    if not lam > 0:
+        raise TheoryError(f"lam must be positive, got {lam}")
+    inst = random_instance(m, n, kind, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    X = X * (lam / torch.linalg.matrix_norm(X, ord=2))
+    W = torch.linalg.lstsq(X, inst.y).solution if d >= m else torch.randn(d, n, generator=gen, dtype=torch.float64)
+    y = X @ W
+
+    def loss_of_z(z: Tensor) -> Tensor:
+        return loss_scale * inst.loss_of_z(z)
+
+    def loss_of_w(Wv: Tensor) -> Tensor:
+        y_hat, _ = _standardize(X @ Wv, 0.0)
+        return loss_of_z(inst.gamma * y_hat + inst.beta)
+
+    y_hat, s = batch_standardize(y)
+    g = torch.func.grad(loss_of_z)(inst.gamma * y_hat + inst.beta)
+    gw = torch.func.grad(loss_of_w)(W)
+    t44 = theorem44(X, g, y_hat, inst.gamma, s)
+    return {"lhs_autograd": gw.pow(2).sum(dim=0), **dataclasses.asdict(t44)}

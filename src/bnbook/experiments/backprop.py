@@ -313,6 +313,22 @@ def _inference_checks(cfg: BackpropConfig, s: _Setup, ds: data.Dataset, gen: tor
     return metrics, {"jac_eval": jac_eval.numpy()}
 
 
+def _gradchecks(seed: int) -> dict[str, bool]:
+    """torch.autograd.gradcheck and gradgradcheck of the Function on small float64 inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for tag, shape in (("fc", (6, 3)), ("conv", (3, 2, 2, 2))):
+        args = (
+            torch.randn(*shape, generator=gen, dtype=F64).requires_grad_(),
+            (0.5 + torch.rand(shape[1], generator=gen, dtype=F64)).requires_grad_(),
+            torch.randn(shape[1], generator=gen, dtype=F64).requires_grad_(),
+        )
+        fn = lambda x, g, b: bp.manual_batch_norm(x, g, b, 1e-3)  # noqa: E731
+        out[f"gradcheck_{tag}"] = torch.autograd.gradcheck(fn, args, raise_exception=False)
+        out[f"gradgradcheck_{tag}"] = torch.autograd.gradgradcheck(fn, args, raise_exception=False)
+    return out
+
+
 def run(cfg: BackpropConfig, device: torch.device) -> Outcome:
     """Run every numerical check of chapter 2 (float64, CPU) and the benchmark (on ``device``)."""
     with bp.num_threads(cfg.threads or None):
@@ -321,6 +337,7 @@ def run(cfg: BackpropConfig, device: torch.device) -> Outcome:
         s = _setup(cfg, ds, gen)
         metrics, arrays = _fc_checks(cfg, s)
         metrics.update(_conv_checks(cfg, ds, gen))
+        metrics.update(_gradchecks(cfg.seed))
         inf_metrics, inf_arrays = _inference_checks(cfg, s, ds, gen)
         metrics.update(inf_metrics)
         arrays.update(inf_arrays)
