@@ -230,3 +230,21 @@ def test_config_validation():
         exp.BackpropConfig.from_params("smoke", conv_pool=5)
     with pytest.raises(BnbookError, match="eps"):
         exp.BackpropConfig.from_params("smoke", eps=0.0)
+
+
+def test_benchmark_script(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bn_backward.py"
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(script), "--shapes", "8x3", "2x3x2x2", "--repeats", "1", "--warmup", "0",
+           "--threads", "1", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert [r["shape"] for r in record["rows"]] == ["8×3", "2×3×2×2"]
+    assert record["environment"]["device"] == "cpu"
+    bad = subprocess.run([sys.executable, str(script), "--shapes", "8"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "bad shape" in bad.stderr

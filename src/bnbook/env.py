@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -69,6 +70,17 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "matplotlib": matplotlib.__version__,
         "platform": platform.platform(),
     }
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch intra-op threads (small ops are faster on one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:

@@ -22,7 +22,7 @@ def setup_style() -> None:
     import seaborn as sns
 
     sns.set_theme(context="notebook", style="whitegrid", font_scale=0.95)
-    matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": DPI, "figure.autolayout": False})
+    matplotlib.rcParams.update({"figure.dpi": DPI, "savefig.dpi": DPI, "figure.autolayout": False})
 
 
 def save(fig: Figure, result: Result | Path, name: str) -> Path:

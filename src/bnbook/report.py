@@ -28,10 +28,11 @@ def markdown_table(
 ) -> str:
     """Return a Markdown table: ``columns`` maps row keys to headers, ``formats`` keys to specs."""
     formats = formats or {}
-    header = "| " + " | ".join(columns.values()) + " |"
+    esc = lambda text: str(text).replace("|", "\\|")  # noqa: E731 - a literal | would split the cell
+    header = "| " + " | ".join(esc(c) for c in columns.values()) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = [
-        "| " + " | ".join(fmt(row.get(key), formats.get(key, ".4g")) for key in columns) + " |"
+        "| " + " | ".join(esc(fmt(row.get(key), formats.get(key, ".4g"))) for key in columns) + " |"
         for row in rows
     ]
     return "\n".join([header, rule, *body])

@@ -384,6 +384,7 @@ def measure_bn_layers(
     labels: Tensor,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
     eps: float = 0.0,
+    hessians: bool = True,
 ) -> list[LayerMeasurement]:
     """Evaluate Theorems 4.1 and 4.2 at every BN layer of ``model`` on the batch ``(x, labels)``.
 
@@ -391,7 +392,9 @@ def measure_bn_layers(
     0, the paper's setting); everything downstream — later BN layers included — is the
     network as it is, in training mode. Returned per unit: ``grad_sq_bn`` (‖∇_y L̂‖² by
     autograd), the :class:`Thm41` and :class:`Thm42` pieces, ``curv_bn`` (``vᵀ∇²L̂v`` by HVP,
-    ``v = ∇_y L̂``), ``vHv``, ``gHg``, ``gamma``, ``sigma``. The model is not modified.
+    ``v = ∇_y L̂``), ``vHv``, ``gHg``, ``gamma``, ``sigma``. With ``hessians=False`` only
+    ``grad_sq_bn``, ``gamma``, ``sigma`` and the Theorem 4.1 pieces (no HVPs). The model is
+    not modified.
     """
     net = _functional_copy(model)
     x = x.to(dtype=torch.float64)
@@ -418,25 +421,61 @@ def measure_bn_layers(
         Z = gamma * y_hat + beta
         g = torch.func.grad(loss_of_z)(Z)
         v = torch.func.grad(loss_of_y)(Y)
-        curv_bn = unitwise_quadratic_forms(loss_of_y, Y, v)
-        vHv = unitwise_quadratic_forms(loss_of_z, Z, v)
-        gHg = unitwise_quadratic_forms(loss_of_z, Z, g)
         t41 = theorem41(g, y_hat, gamma, s)
-        t42 = theorem42(g, y_hat, gamma, s, v, vHv, gHg)
         values = {
             "grad_sq_bn": _dot(v, v),
-            "curv_bn": curv_bn,
-            "vHv": vHv,
-            "gHg": gHg,
             "gamma": gamma.clone(),
             "sigma": s.clone(),
             **{f"t41_{k}": val for k, val in dataclasses.asdict(t41).items()},
-            **{f"t42_{k}": val for k, val in dataclasses.asdict(t42).items()},
         }
+        if not hessians:
+            out.append(LayerMeasurement(i, values))
+            continue
+        curv_bn = unitwise_quadratic_forms(loss_of_y, Y, v)
+        vHv = unitwise_quadratic_forms(loss_of_z, Z, v)
+        gHg = unitwise_quadratic_forms(loss_of_z, Z, g)
+        t42 = theorem42(g, y_hat, gamma, s, v, vHv, gHg)
+        values.update(
+            curv_bn=curv_bn,
+            vHv=vHv,
+            gHg=gHg,
+            **{f"t42_{k}": val for k, val in dataclasses.asdict(t42).items()},
+        )
         out.append(LayerMeasurement(i, values))
     if not out:
         raise TheoryError("measure_bn_layers found no BN layer in the model")
     return out
+
+
+def scale_invariance_gap(
+    model: nn.Sequential,
+    x: Tensor,
+    labels: Tensor,
+    k: float,
+    eps: float,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy,
+) -> float:
+    """Return ``|L̂(k W₁) − L̂(W₁)| / |L̂(W₁)|`` for the first Linear layer's weights ``W₁``.
+
+    Every BN layer is recomputed in float64 with batch statistics and the given ``eps``;
+    with ``eps = 0`` BN makes the loss exactly invariant to ``k > 0`` (the fact Lemma 4.5
+    rests on), with ``eps > 0`` only approximately.
+    """
+    if not k > 0:
+        raise TheoryError(f"the scale k must be positive, got {k}")
+    net = _functional_copy(model)
+    for module in net.modules():
+        if _is_bn(module):
+            module.eps = eps
+    first = next((mod for mod in net if isinstance(mod, nn.Linear)), None)
+    if first is None:
+        raise TheoryError("scale_invariance_gap needs a Linear layer")
+    x = x.to(dtype=torch.float64)
+    with torch.no_grad():
+        base = float(loss_fn(net(x), labels))
+        first.weight.mul_(k)
+        scaled = float(loss_fn(net(x), labels))
+    return abs(scaled - base) / abs(base)
 
 
 def measure_plain_layers(
@@ -554,7 +593,9 @@ def check_instance(inst: Instance, eps: float = 0.0, direction_seed: int = 0) ->
     Returns per-unit tensors: ``grad_sq`` (‖∇_y L̂‖², autograd), the :class:`Thm41` right
     sides, ``curv`` (``vᵀ∇²L̂v`` by HVP, ``v = ∇_y L̂``), the :class:`Thm42` right sides, and,
     for a random direction ``d``, ``curv_dir`` (HVP) beside ``curv_dir_formula``
-    (:func:`bn_hessian_quadratic_form`, exact for any ε).
+    (:func:`bn_hessian_quadratic_form`, exact for any ε). ``scale41``, ``scale42`` and
+    ``scale_dir`` are the sizes of the terms each identity adds up (|term| summed), the
+    yardstick for round-off: at m = 2 and ε = 0 both sides of Theorem 4.1 are exactly 0.
     """
     y = inst.y
     y_hat, s = batch_standardize(y, eps)
@@ -571,19 +612,21 @@ def check_instance(inst: Instance, eps: float = 0.0, direction_seed: int = 0) ->
     )
     d = torch.randn(y.shape, generator=torch.Generator().manual_seed(direction_seed), dtype=y.dtype)
     u = bn_input_gradient(d, y_hat, inst.gamma, s)  # J d (J is symmetric)
-    curv_dir_formula = bn_hessian_quadratic_form(
-        d, g, y_hat, inst.gamma, s, unitwise_quadratic_forms(inst.loss_of_z, z, u)
-    )
+    uHu = unitwise_quadratic_forms(inst.loss_of_z, z, u)
+    bn_term = bn_hessian_quadratic_form(d, g, y_hat, inst.gamma, s, torch.zeros_like(uHu))
     return {
         "grad_sq": _dot(v, v),
         "grad_sq_plain": t41.grad_sq,
         "rhs41_corrected": t41.rhs_corrected,
         "rhs41_printed": t41.rhs_printed,
+        "scale41": t41.scale * t41.grad_sq,  # size of the terms: the yardstick of round-off
         "curv": curv,
         "rhs42_first": t42.rhs_first,
         "rhs42_second": t42.rhs_second,
+        "scale42": t42.scaled_curvature.abs() + t42.reduction.abs(),
         "curv_dir": unitwise_quadratic_forms(loss_y, y, d),
-        "curv_dir_formula": curv_dir_formula,
+        "curv_dir_formula": uHu + bn_term,
+        "scale_dir": uHu.abs() + bn_term.abs(),
     }
 
 

@@ -62,6 +62,7 @@ class FitConfig:
     eval_batch: int = 2_000  # the test set is evaluated in chunks of this many examples
     probe_size: int = 1_000  # examples in the fixed probe batch (the first ones of the test set)
     stack: bool = True  # run same-shape MLPs as one StackedMLP (False: the plain per-model loop)
+    manual_backward: bool = True  # StackedMLP: hand-written backward pass (False: autograd)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_batch", "probe_size"):
@@ -230,6 +231,7 @@ def fit(
     k = len(models)
     stack = build_stack(models, cfg.stack)
     stack.train()
+    manual = cfg.manual_backward and isinstance(stack, StackedMLP)
     opt = make_optimizer(stack.parameters(), cfg)
     log_steps = cfg.log_steps()
     n_log = len(log_steps)
@@ -268,9 +270,13 @@ def fit(
         idx = next(batches)  # (K, B)
         flat = idx.reshape(-1)  # index_select is ~3x faster than advanced indexing on CPU
         xb = data.x_train.index_select(0, flat).view(k, cfg.batch_size, *data.x_train.shape[1:])
-        losses = per_model_loss(stack(xb), data.y_train.index_select(0, flat).view(k, cfg.batch_size))
-        opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        yb = data.y_train.index_select(0, flat).view(k, cfg.batch_size)
+        if manual:
+            losses = stack.loss_and_grad(xb, yb)  # sets .grad itself
+        else:
+            losses = per_model_loss(stack(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
         opt.step()
         with torch.no_grad():
             loss_sum += losses

@@ -305,8 +305,8 @@ def _inference_checks(cfg: BackpropConfig, s: _Setup, ds: data.Dataset, gen: tor
         "train_offdiag_max": _abs_max(jac_train[off]),
         "train_offdiag_fraction": float(jac_train[off].norm() / jac_train.norm()),
         "eval_offdiag_fraction": float(jac_eval[off].norm() / jac_eval.norm()),
-        "train_grad_sum": float((jac_train.T @ g).sum().abs() / (jac_train.T @ g).norm()),
-        "eval_grad_sum": float((jac_eval.T @ g).sum().abs() / (jac_eval.T @ g).norm()),
+        "train_grad_sum": float(_cos(jac_train.T @ g, torch.ones_like(g)).abs()),
+        "eval_grad_sum": float(_cos(jac_eval.T @ g, torch.ones_like(g)).abs()),
         "eval_slope": float(a[k]),
         "train_slope_diag_mean": float(torch.diagonal(jac_train).mean()),
     }
@@ -354,6 +354,8 @@ def run(cfg: BackpropConfig, device: torch.device) -> Outcome:
     metrics["bench_manual_ratio_min"] = float(min(r["manual_ratio"] for r in rows))
     metrics["bench_manual_ratio_max"] = float(max(r["manual_ratio"] for r in rows))
     metrics["bench_autograd_ratio_median"] = float(np.median([r["autograd_ratio"] for r in rows]))
+    metrics["bench_count"] = len(rows)
+    metrics["bench_autograd_slower_count"] = sum(r["autograd_ms"] > r["manual_ms"] for r in rows)
     metrics["dataset_description"] = ds.description
     return Outcome(metrics=metrics, arrays=arrays, datasets=[cfg.dataset])
 
@@ -363,6 +365,7 @@ def plot_jacobians(res: Result) -> Figure:
     """Four heat maps of one unit's m×m Jacobian: autograd (training), (γ/s)·P, their
     difference (own colour scale), and the inference-mode Jacobian."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     a = res.arrays
     panels = [
@@ -378,6 +381,8 @@ def plot_jacobians(res: Result) -> Figure:
         im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim)
         ax.set_title(title)
         ax.set_xlabel("input example $j$")
+        ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(5, integer=True))
         ax.grid(False)
         if i in (2, 3):
             fig.colorbar(im, ax=ax, shrink=0.8, format="%.1e" if i == 2 else "%.2f")

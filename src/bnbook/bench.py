@@ -1,0 +1,201 @@
+"""The engine benchmark: a tutorial training loop against :func:`bnbook.train.fit`, same process, same data.
+
+The network is chapter 3's: a 784–100–100–100–10 sigmoid MLP with BN, batch 60. We time
+
+- ``tutorial``: what most tutorials write — ``DataLoader(TensorDataset, shuffle=True)``,
+  an ``nn.Sequential`` with ``nn.BatchNorm1d``, ``torch.optim.SGD``, and ``loss.item()``
+  every step (a host synchronisation);
+- ``indexed``: the engine on one model without stacking (batches by indexing device
+  tensors, autograd, no per-step synchronisation);
+- ``engine K=k``: the engine training k models (seeds) at once as one stacked MLP with the
+  hand-written backward pass,
+
+in model-steps per second (one optimiser step of one model), interleaved and repeated,
+and compare them with the *compute limit*: the machine's measured sgemm throughput divided
+by the FLOPs of one model-step (the matrix products only; element-wise work is ignored,
+so the limit is optimistic). The performance appendix renders the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnbook import data, nets, train
+from bnbook.errors import BnbookError
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """What to time and how often."""
+
+    dataset: str = "mnist5k"
+    width: int = 100
+    depth: int = 3
+    batch_size: int = 60
+    steps: int = 300  # timed steps per measurement
+    warmup: int = 20  # untimed steps before each measurement
+    stacks: tuple[int, ...] = (1, 8, 16)  # numbers of models the engine trains at once
+    repeats: int = 3  # interleaved repetitions; the best and the median are reported
+    threads: int | None = 1  # CPU threads for every contender (None: torch's default)
+    gemm_size: int = 1024  # side of the square sgemm that measures the peak
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.repeats < 1 or not self.stacks or min(self.stacks) < 1:
+            raise BnbookError("BenchSettings: steps, repeats and every stack size must be positive")
+
+
+def flops_per_model_step(sizes: tuple[int, ...], batch_size: int) -> int:
+    """FLOPs of the matrix products of one SGD step of an MLP with layer ``sizes`` (input first).
+
+    Forward: 2·B·in·out per layer; backward: the same again for each weight gradient and for
+    each input gradient except the first layer's (the data needs no gradient).
+    """
+    pairs = list(zip(sizes, sizes[1:]))
+    per_layer = [2 * batch_size * a * b for a, b in pairs]
+    return 2 * sum(per_layer) + sum(per_layer[1:])
+
+
+def sgemm_gflops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
+    """Best measured float32 matrix-multiply throughput (GFLOP/s) of an n×n product on ``device``."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    inner = max(1, (2048 // n) ** 3) * (20 if device.type == "cuda" else 1)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b)
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tutorial_mlp(s: BenchSettings, in_features: int, num_classes: int, seed: int) -> nn.Sequential:
+    """The tutorial's model: nn.Linear / nn.BatchNorm1d / nn.Sigmoid layers in an nn.Sequential."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    sizes = (in_features, *(s.width,) * s.depth)
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-1], num_classes))
+
+
+def time_tutorial(s: BenchSettings, ds: data.Dataset, device: torch.device, seed: int = 0) -> float:
+    """Steps per second of the tutorial loop (DataLoader with shuffling, ``loss.item()`` every step)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    cpu = ds.to("cpu")
+    loader = DataLoader(TensorDataset(cpu.x_train, cpu.y_train), batch_size=s.batch_size, shuffle=True,
+                        drop_last=True, generator=torch.Generator().manual_seed(seed))
+    model = tutorial_mlp(s, cpu.x_train[0].numel(), ds.num_classes, seed).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = nn.CrossEntropyLoss()
+    done, t0, losses = 0, 0.0, []
+    total = s.warmup + s.steps
+    while done < total:
+        for x, y in loader:
+            if done == s.warmup:
+                _sync(device)
+                t0 = time.perf_counter()
+            x, y = x.to(device), y.to(device)
+            loss = loss_fn(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            done += 1
+            if done == total:
+                break
+    _sync(device)
+    return s.steps / (time.perf_counter() - t0)
+
+
+def time_engine(s: BenchSettings, ds: data.Dataset, k: int, stack: bool = True, seed: int = 0) -> float:
+    """Model-steps per second of :func:`bnbook.train.fit` training ``k`` BN MLPs at once (evaluation excluded)."""
+    models = [
+        nets.MLP(ds.x_train[0].numel(), (s.width,) * s.depth, ds.num_classes, "sigmoid", norm="bn", seed=seed + i)
+        .to(ds.x_train.device)
+        for i in range(k)
+    ]
+    cfg = train.FitConfig(steps=s.warmup + s.steps, batch_size=s.batch_size, lr=0.1,
+                          log_every=s.warmup + s.steps, stack=stack, probe_size=1)
+    small_test = dataclasses.replace(ds, x_test=ds.x_test[:1], y_test=ds.y_test[:1])
+    res = train.fit(models, small_test, cfg, seeds=range(seed, seed + k))
+    return res.model_steps_per_s
+
+
+def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time every contender ``s.repeats`` times (interleaved) and return the summary (JSON-ready)."""
+    ds = data.load(s.dataset, device)
+    in_features = ds.x_train[0].numel()
+    sizes = (in_features, *(s.width,) * s.depth, ds.num_classes)
+    contenders: dict[str, Callable[[int], float]] = {
+        "tutorial": lambda r: time_tutorial(s, ds, device, seed=r),
+        "indexed": lambda r: time_engine(s, ds, 1, stack=False, seed=r),
+    }
+    for k in s.stacks:
+        contenders[f"engine_k{k}"] = functools.partial(time_engine, s, ds, k, True)  # called with seed=r
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    old_threads = torch.get_num_threads()
+    with train.cpu_threads(s.threads if device.type == "cpu" else None):
+        threads = torch.get_num_threads()
+        peak_used = sgemm_gflops(device, s.gemm_size)
+        for r in range(s.repeats):
+            for name, fn in contenders.items():
+                samples[name].append(fn(r))
+                if progress:
+                    progress(f"repeat {r + 1}/{s.repeats} {name}: {samples[name][-1]:.0f} model-steps/s")
+    with train.cpu_threads(old_threads if device.type == "cpu" else None):
+        peak_all = sgemm_gflops(device, s.gemm_size)
+        threads_all = torch.get_num_threads()
+    flops = flops_per_model_step(sizes, s.batch_size)
+    peak = max(peak_used, peak_all)
+    limit = peak * 1e9 / flops
+    best = {name: max(v) for name, v in samples.items()}
+    median = {name: statistics.median(v) for name, v in samples.items()}
+    engine_best = max((n for n in best if n.startswith("engine")), key=best.get)
+    return {
+        "device": str(device),
+        "threads": threads,
+        "threads_all": threads_all,
+        "settings": dataclasses.asdict(s),
+        "flops_per_model_step": flops,
+        "sgemm_gflops_used_threads": peak_used,
+        "sgemm_gflops_all_threads": peak_all,
+        "compute_limit_model_steps_per_s": limit,
+        "samples": samples,
+        "best": best,
+        "median": median,
+        "best_engine": engine_best,
+        "ratio_best": best[engine_best] / best["tutorial"],
+        "ratio_median": median[engine_best] / median["tutorial"],
+        "fraction_of_limit": best[engine_best] / limit,
+        "rows": [
+            {"contender": name, "models": _models_of(name), "best": best[name], "median": median[name],
+             "ratio": best[name] / best["tutorial"], "fraction_of_limit": best[name] / limit}
+            for name in contenders
+        ],
+    }
+
+
+def _models_of(name: str) -> int:
+    return int(name.removeprefix("engine_k")) if name.startswith("engine_k") else 1
+
+
+def samples_array(summary: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The raw timings as arrays (one per contender), for the result folder."""
+    return {f"samples_{name}": np.asarray(v, dtype=float) for name, v in summary["samples"].items()}

@@ -1,0 +1,519 @@
+"""Chapter 4: Theorems 4.1, 4.2, 4.4 and Lemma 4.5 of Santurkar et al. (2018), checked.
+
+Three parts, all in :func:`run`:
+
+1. **Random instances** (float64, ε = 0): for batch sizes ``sizes`` and three kinds of
+   downstream loss, both sides of Theorem 4.1 (printed 1/√m and corrected 1/m), the
+   first and second forms of Theorem 4.2 against exact Hessian-vector products, the
+   exact-for-any-ε curvature formula, and Theorem 4.4 (printed and corrected).
+2. **A trained network**: the 3×100 sigmoid MLP of Ioffe & Szegedy (chapter 3's
+   :class:`bnbook.nets.MLP`), with BN and without, trained by the engine
+   (:func:`bnbook.train.fit`) with plain SGD. At ``checkpoints + 1`` evenly spaced steps a
+   probe evaluates, at every BN layer and on ``measure_batches`` fixed training batches,
+   each side of Theorems 4.1 and 4.2 (:func:`bnbook.theory.measure_bn_layers`), and the
+   network without BN's own layer gradients and curvatures.
+3. **Lemma 4.5** on that instance: the BN net's initial first-layer weights ``W0`` and the
+   trained no-BN net's ``W*``; and the scale invariance the lemma rests on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bnbook import data, nets, theory, train
+from bnbook.config import ChapterConfig
+from bnbook.env import seed_everything
+from bnbook.errors import BnbookError
+from bnbook.results import Outcome
+
+BN_QUANTITIES = (
+    "grad_sq_bn",  # ‖∇_y L̂‖² (autograd, ε = 0)
+    "grad_sq_bn_net_eps",  # the same with the network's own ε
+    "rhs41_corrected",  # (γ²/σ²)(‖g‖² − ⟨1,g⟩²/m − ⟨g,ŷ⟩²/m)
+    "rhs41_printed",  # (γ²/σ²)(‖g‖² − ⟨1,g⟩²/m − ⟨g,ŷ⟩²/√m)
+    "grad_sq_z",  # ‖g‖², g = ∂L̂/∂z: the unnormalised net's ‖∇_y L‖² at the same z
+    "mean_term",  # ⟨1,g⟩²/m
+    "yhat_term",  # ⟨g,ŷ⟩²/m
+    "scale",  # γ²/σ²
+    "curv_bn",  # vᵀ ∇²L̂ v, v = ∇_y L̂ (HVP)
+    "scaled_curv",  # (γ²/σ²) vᵀ H v
+    "reduction",  # (γ/(mσ²)) ⟨g,ŷ⟩ ‖v‖²
+    "rhs42_second",  # second printed form of Theorem 4.2
+    "gHg",  # gᵀ H g
+    "v_sq",  # ‖v‖²
+    "printed41_fails",  # 1 where rhs41_printed < ‖∇_y L̂‖² (the printed "≤" fails)
+    "second42_holds",  # 1 where curv_bn ≤ rhs42_second
+    "res41",  # |‖∇L̂‖² − rhs41_corrected| / max over the layer's units of ‖∇L̂‖²
+    "res42",  # |curv_bn − first form| / max over the layer's units of |curv_bn|
+)
+PLAIN_QUANTITIES = ("grad_sq", "gHg")
+INSTANCE_KINDS = theory.INSTANCE_KINDS
+
+
+@dataclasses.dataclass(frozen=True)
+class TheoremsConfig(ChapterConfig):
+    """Santurkar et al. §4 checked on random instances and on a trained 3×100 MLP. Defaults: quick."""
+
+    dataset: str = "mnist5k"  # training data of the MLP ('fashion-mnist' in the paper profile)
+    steps: int = 3_000  # SGD steps of each network
+    lr: float = 0.5  # plain SGD learning rate, both networks (the paper's §4 has no training setup)
+    width: int = 100  # units per hidden layer (Ioffe & Szegedy: 3 × 100)
+    batch_size: int = 60  # m: Ioffe & Szegedy's mini-batch; also the measured batches' size
+    checkpoints: int = 10  # measurements at steps 0, steps/checkpoints, ..., steps
+    measure_batches: int = 2  # fixed training batches the theorems are evaluated on (averaged)
+    instances: int = 3  # random instances per batch size and loss kind
+    units: int = 6  # units per random instance
+    sizes: tuple[int, ...] = (2, 3, 4, 8, 16, 32, 64, 128, 256)  # batch sizes m of the random instances
+
+    profiles: ClassVar = {
+        "smoke": {"steps": 20, "width": 16, "checkpoints": 2, "measure_batches": 1, "instances": 1, "units": 3, "sizes": (2, 16, 64)},
+        "paper": {"dataset": "fashion-mnist", "steps": 20_000, "checkpoints": 20, "measure_batches": 8, "instances": 10},
+    }
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "width", "batch_size", "checkpoints", "measure_batches", "instances", "units"):
+            if getattr(self, name) < 1:
+                raise BnbookError(f"TheoremsConfig.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.batch_size < 2 or min(self.sizes, default=0) < 2:
+            raise BnbookError("batch sizes must be at least 2: BN needs two values per unit")
+        if not self.lr > 0:
+            raise BnbookError(f"TheoremsConfig.lr must be positive, got {self.lr}")
+        if self.checkpoints > self.steps:
+            raise BnbookError(f"checkpoints ({self.checkpoints}) cannot exceed steps ({self.steps})")
+
+
+# ------------------------------------------------------------------ part 1: random instances
+def _rel(a: Tensor, b: Tensor, scale: Tensor) -> float:
+    """Largest |a − b| relative to the size of the terms that make up a and b (``scale``)."""
+    return float(((a - b).abs() / scale.clamp_min(1e-300)).max())
+
+
+def random_instance_sweep(cfg: TheoremsConfig) -> tuple[dict, dict[str, np.ndarray]]:
+    """Theorems 4.1, 4.2 and 4.4 on random float64 instances; returns (metrics, arrays)."""
+    rows: dict[str, list] = {k: [] for k in ("m", "kind", "ratio_corrected", "ratio_printed", "curv_ratio_first")}
+    res41, res41_eps, res42, res_dir, res_dir_eps, res44 = [], [], [], [], [], []
+    printed_negative, m2_printed, m2_lhs = [], [], []
+    second_holds, t44_corr_holds, t44_printed_fails, t44_tight = [], [], [], []
+    seed = cfg.seed * 100_003
+    for m in cfg.sizes:
+        for k, kind in enumerate(INSTANCE_KINDS):
+            for i in range(cfg.instances):
+                seed += 1
+                inst = theory.random_instance(m, cfg.units, kind, seed)
+                r = theory.check_instance(inst, eps=0.0, direction_seed=seed)
+                res41.append(_rel(r["grad_sq"], r["rhs41_corrected"], r["scale41"]))
+                if m > 2:  # at m = 2 and ε = 0 BN is locally constant: every 4.2 term is 0 up to round-off
+                    res42.append(_rel(r["curv"], r["rhs42_first"], r["scale42"]))
+                    res_dir.append(_rel(r["curv_dir"], r["curv_dir_formula"], r["scale_dir"]))
+                printed_negative.append((r["rhs41_printed"] < 0).double().mean().item())
+                if m == 2:
+                    m2_printed.append(float((r["rhs41_printed"] / r["scale41"]).max()))
+                    m2_lhs.append(float((r["grad_sq"] / r["scale41"]).max()))
+                second_holds.append((r["curv"] <= r["rhs42_second"]).double().mean().item())
+                r_eps = theory.check_instance(inst, eps=0.1, direction_seed=seed)
+                res_dir_eps.append(_rel(r_eps["curv_dir"], r_eps["curv_dir_formula"], r_eps["scale_dir"]))
+                res41_eps.append(_rel(r_eps["grad_sq"], r_eps["rhs41_corrected"], r_eps["scale41"]))
+                ok = r["grad_sq"] > 1e-9 * r["scale41"]  # ratios only where ‖∇L̂‖² is not 0 (m = 2: always 0)
+                for u in torch.nonzero(ok).flatten().tolist():
+                    rows["m"].append(m)
+                    rows["kind"].append(k)
+                    rows["ratio_corrected"].append(float(r["rhs41_corrected"][u] / r["grad_sq"][u]))
+                    rows["ratio_printed"].append(float(r["rhs41_printed"][u] / r["grad_sq"][u]))
+                    rows["curv_ratio_first"].append(float(r["rhs42_first"][u] / r["curv"][u]))
+                if m >= 4:
+                    t44 = theory.check_theorem44(m, 2 * m, cfg.units, kind, seed, lam=2.0)
+                    res44.append(_rel(t44["lhs_autograd"], t44["lhs"], t44["lhs"].abs()))
+                    t44_corr_holds.append(float((t44["lhs"] <= t44["rhs_corrected"] * (1 + 1e-12)).double().mean()))
+                    t44_printed_fails.append(float((t44["lhs"] > t44["rhs_printed"]).double().mean()))
+                    t44_tight.append(float((t44["lhs"] / t44["rhs_corrected"]).max()))
+    arrays = {f"inst_{k}": np.asarray(v, dtype=np.float64) for k, v in rows.items()}
+    ratio_printed = arrays["inst_ratio_printed"]
+    metrics = {
+        "inst_count": int(len(cfg.sizes) * len(INSTANCE_KINDS) * cfg.instances),
+        "inst_units": int(cfg.units),
+        "inst_m_min": int(min(cfg.sizes)),
+        "inst_m_max": int(max(cfg.sizes)),
+        "inst_res41_max": max(res41),
+        "inst_res41_eps_max": max(res41_eps),
+        "inst_printed41_negative_frac": float(np.mean(printed_negative)),
+        "inst_m2_printed_rel_max": max(m2_printed) if m2_printed else None,
+        "inst_m2_lhs_rel_max": max(m2_lhs) if m2_lhs else None,
+        "inst_res42_max": max(res42),
+        "inst_res42_dir_max": max(res_dir),
+        "inst_res42_dir_eps_max": max(res_dir_eps),
+        "inst_printed41_fail_frac": float(np.mean(ratio_printed < 1 - 1e-9)),
+        "inst_printed41_ratio_min": float(ratio_printed.min()),
+        "inst_printed41_ratio_max": float(ratio_printed.max()),
+        "inst_second42_hold_frac": float(np.mean(second_holds)),
+        "inst_t44_res_max": max(res44) if res44 else None,
+        "inst_t44_corrected_hold_frac": float(np.mean(t44_corr_holds)) if t44_corr_holds else None,
+        "inst_t44_printed_fail_frac": float(np.mean(t44_printed_fails)) if t44_printed_fails else None,
+        "inst_t44_tightness_max": max(t44_tight) if t44_tight else None,
+    }
+    return metrics, arrays
+
+
+def counterexample(seed: int, m: int = 16, gamma: float = 1.7) -> dict[str, float]:
+    """Theorem 4.1's printed bound failing on one instance: cubic loss, one unit, m = 16, ε = 0."""
+    inst = theory.random_instance(m, 1, "cubic", seed, gamma=gamma)
+    r = theory.check_instance(inst, eps=0.0)
+    y_hat, s = theory.batch_standardize(inst.y)
+    g = torch.func.grad(inst.loss_of_z)(inst.gamma * y_hat + inst.beta)
+    t41 = theory.theorem41(g, y_hat, inst.gamma, s)
+    grad_sq = float(r["grad_sq"][0])
+    return {
+        "cx_m": m,
+        "cx_gamma": gamma,
+        "cx_sigma": float(s[0]),
+        "cx_lhs": grad_sq,
+        "cx_rhs_corrected": float(t41.rhs_corrected[0]),
+        "cx_rhs_printed": float(t41.rhs_printed[0]),
+        "cx_grad_sq_plain": float(t41.grad_sq[0]),
+        "cx_mean_term": float(t41.mean_term[0]),
+        "cx_yhat_term": float(t41.yhat_term[0]),
+        "cx_gap": float(r["grad_sq"][0] - t41.rhs_printed[0]),
+        "cx_rel_err_corrected": abs(grad_sq - float(t41.rhs_corrected[0])) / grad_sq,
+    }
+
+
+# ------------------------------------------------------------------ part 2: trained networks
+def _bn_probe(batches: list[tuple[Tensor, Tensor]]) -> train.Probe:
+    """Probe of :func:`bnbook.train.fit`: the BN quantities, (1, Q, layers, units), averaged over ``batches``."""
+
+    def probe(stack: torch.nn.Module, _x: Tensor) -> Tensor:
+        model = stack.models[0]
+        seq = theory.as_sequential(model)
+        per_batch = []
+        with torch.enable_grad():
+            for x, labels in batches:
+                layers = theory.measure_bn_layers(seq, x, labels)
+                net_eps = theory.measure_bn_layers(seq, x, labels, eps=float(model.norms[0].eps), hessians=False)
+                rows = []
+                for lay, lay_eps in zip(layers, net_eps):
+                    v = lay.values
+                    lhs, curv = v["grad_sq_bn"], v["curv_bn"]
+                    q = {
+                        "grad_sq_bn": lhs,
+                        "grad_sq_bn_net_eps": lay_eps.values["grad_sq_bn"],
+                        "rhs41_corrected": v["t41_rhs_corrected"],
+                        "rhs41_printed": v["t41_rhs_printed"],
+                        "grad_sq_z": v["t41_grad_sq"],
+                        "mean_term": v["t41_mean_term"],
+                        "yhat_term": v["t41_yhat_term"],
+                        "scale": v["t41_scale"],
+                        "curv_bn": curv,
+                        "scaled_curv": v["t42_scaled_curvature"],
+                        "reduction": v["t42_reduction"],
+                        "rhs42_second": v["t42_rhs_second"],
+                        "gHg": v["gHg"],
+                        "v_sq": v["t42_v_sq"],
+                        "printed41_fails": (v["t41_rhs_printed"] < lhs * (1 - 1e-9)).double(),
+                        "second42_holds": (curv <= v["t42_rhs_second"]).double(),
+                        "res41": (lhs - v["t41_rhs_corrected"]).abs() / lhs.max().clamp_min(1e-300),
+                        "res42": (curv - v["t42_rhs_first"]).abs() / curv.abs().max().clamp_min(1e-300),
+                    }
+                    rows.append(torch.stack([q[name] for name in BN_QUANTITIES]))
+                per_batch.append(torch.stack(rows, dim=1))  # (Q, layers, units)
+        stacked = torch.stack(per_batch)  # (batches, Q, layers, units)
+        out = stacked.mean(0)
+        for name in ("res41", "res42"):  # residuals: worst batch, not the mean
+            i = BN_QUANTITIES.index(name)
+            out[i] = stacked[:, i].max(0).values
+        return out.unsqueeze(0)
+
+    return probe
+
+
+def _plain_probe(batches: list[tuple[Tensor, Tensor]]) -> train.Probe:
+    """Probe: the network without BN's per-unit ‖∂L/∂y‖² and gᵀHg, (1, 2, layers, units)."""
+
+    def probe(stack: torch.nn.Module, _x: Tensor) -> Tensor:
+        seq = theory.as_sequential(stack.models[0])
+        per_batch = []
+        with torch.enable_grad():
+            for x, labels in batches:
+                layers = theory.measure_plain_layers(seq, x, labels)
+                per_batch.append(
+                    torch.stack([torch.stack([lay.values[q] for lay in layers]) for q in PLAIN_QUANTITIES])
+                )
+        return torch.stack(per_batch).mean(0).unsqueeze(0)
+
+    return probe
+
+
+def measurement_batches(ds: data.Dataset, cfg: TheoremsConfig) -> list[tuple[Tensor, Tensor]]:
+    """``cfg.measure_batches`` fixed training batches of size m (their own generator: seed + 7919)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    idx = torch.randperm(len(ds.y_train), generator=gen)[: cfg.measure_batches * cfg.batch_size]
+    idx = idx.view(cfg.measure_batches, cfg.batch_size).to(ds.y_train.device)
+    return [(ds.x_train[i].flatten(1), ds.y_train[i]) for i in idx]
+
+
+def train_and_measure(cfg: TheoremsConfig, device: torch.device) -> tuple[dict, dict[str, np.ndarray], dict]:
+    """Train the MLP with and without BN, measuring at every checkpoint; returns (metrics, arrays, models)."""
+    ds = data.load(cfg.dataset, device)
+    batches = measurement_batches(ds, cfg)
+    fit_cfg = train.FitConfig(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        log_every=max(1, cfg.steps // cfg.checkpoints),
+        probe_size=cfg.batch_size,  # the engine's probe batch is unused: our probes bring their own
+        stack=False,  # the probes need the plain MLP objects, which a ModuleStack keeps
+    )
+    in_features = math.prod(ds.input_shape)
+    results, models = {}, {}
+    for variant, norm, probe in (("bn", "bn", _bn_probe(batches)), ("plain", None, _plain_probe(batches))):
+        seed_everything(cfg.seed)
+        model = nets.MLP(in_features, (cfg.width,) * 3, ds.num_classes, "sigmoid", norm=norm, seed=cfg.seed).to(device)
+        models[f"{variant}_init"] = [lin.weight.detach().clone() for lin in model.linears]
+        with train.cpu_threads(1 if device.type == "cpu" else None):
+            results[variant] = train.fit([model], ds, fit_cfg, seeds=[cfg.seed], probes={"q": probe})
+        models[variant] = model
+    bn, plain = results["bn"], results["plain"]
+    q_bn = bn.probes["q"][:, 0].astype(np.float64)  # (L, Q, layers, units)
+    q_plain = plain.probes["q"][:, 0].astype(np.float64)  # (L, 2, layers, units)
+    arrays = {
+        "steps": bn.steps,
+        "test_acc_bn": bn.test_acc[:, 0],
+        "test_acc_plain": plain.test_acc[:, 0],
+        "train_loss_bn": bn.train_loss[:, 0],
+        "train_loss_plain": plain.train_loss[:, 0],
+        **{f"bn_{name}": q_bn[:, i] for i, name in enumerate(BN_QUANTITIES)},
+        **{f"plain_{name}": q_plain[:, i] for i, name in enumerate(PLAIN_QUANTITIES)},
+    }
+    metrics = network_metrics(arrays, cfg)
+    metrics.update(
+        diverged_bn=bool(bn.diverged_step[0] >= 0),
+        diverged_plain=bool(plain.diverged_step[0] >= 0),
+        train_time_s=bn.train_time_s + plain.train_time_s,
+        measure_time_s=bn.eval_time_s + plain.eval_time_s,
+    )
+    return metrics, arrays, models
+
+
+def network_metrics(a: dict[str, np.ndarray], cfg: TheoremsConfig) -> dict:
+    """Headline numbers of the trained-network measurements (per layer at the last finite checkpoint)."""
+    finite = np.isfinite(a["bn_grad_sq_bn"]).all(axis=(1, 2))
+    metrics: dict = {
+        "net_steps": int(a["steps"][-1]),
+        "net_checkpoints": int(len(a["steps"])),
+        "net_m": cfg.batch_size,
+        "acc_bn": float(a["test_acc_bn"][-1]),
+        "acc_plain": float(a["test_acc_plain"][-1]),
+    }
+    if not finite.any():
+        return metrics
+    ok = np.flatnonzero(finite)
+    last = ok[-1]
+    metrics.update(
+        net_res41_max=float(np.nanmax(a["bn_res41"][ok])),
+        net_res42_max=float(np.nanmax(a["bn_res42"][ok])),
+        net_printed41_fail_frac=float(np.nanmean(a["bn_printed41_fails"][ok])),
+        net_second42_hold_frac=float(np.nanmean(a["bn_second42_holds"][ok])),
+        net_eps_rel_gap_max=float(
+            np.nanmax(np.abs(a["bn_grad_sq_bn_net_eps"][ok].sum(-1) / a["bn_grad_sq_bn"][ok].sum(-1) - 1))
+        ),
+    )
+    n_layers = a["bn_grad_sq_bn"].shape[1]
+    for layer in range(n_layers):
+        s = lambda name, t=last: float(np.sum(a[name][t, layer]))  # noqa: E731 - a layer's total over units
+        scale = a["bn_scale"][:, layer]
+        g = s("bn_grad_sq_z")
+        metrics.update({
+            f"L{layer + 1}_scale_med": float(np.median(scale[last])),
+            f"L{layer + 1}_scale_q10": float(np.quantile(scale[last], 0.1)),
+            f"L{layer + 1}_scale_q90": float(np.quantile(scale[last], 0.9)),
+            f"L{layer + 1}_scale_med_init": float(np.median(scale[0])),
+            f"L{layer + 1}_grad_bn": s("bn_grad_sq_bn"),
+            f"L{layer + 1}_grad_z": g,
+            f"L{layer + 1}_grad_plain": s("plain_grad_sq"),
+            f"L{layer + 1}_ratio_bn_z": s("bn_grad_sq_bn") / g,
+            f"L{layer + 1}_mean_frac": s("bn_mean_term") / g,
+            f"L{layer + 1}_yhat_frac": s("bn_yhat_term") / g,
+            f"L{layer + 1}_mean_frac_all": float(np.sum(a["bn_mean_term"][ok, layer]) / np.sum(a["bn_grad_sq_z"][ok, layer])),
+            f"L{layer + 1}_yhat_frac_all": float(np.sum(a["bn_yhat_term"][ok, layer]) / np.sum(a["bn_grad_sq_z"][ok, layer])),
+            f"L{layer + 1}_curv_bn": s("bn_curv_bn") / s("bn_v_sq"),
+            f"L{layer + 1}_curv_scaled": s("bn_scaled_curv") / s("bn_v_sq"),
+            f"L{layer + 1}_curv_reduction": s("bn_reduction") / s("bn_v_sq"),
+            f"L{layer + 1}_curv_z": s("bn_gHg") / g,
+            f"L{layer + 1}_curv_plain": s("plain_gHg") / s("plain_grad_sq"),
+        })
+    return metrics
+
+
+# ------------------------------------------------------------------ part 3: Lemma 4.5
+def lemma45_on_network(models: dict, cfg: TheoremsConfig, device: torch.device) -> dict:
+    """Lemma 4.5 with ``W0`` = the initial first-layer weights and ``W*`` = the trained no-BN net's."""
+    W0 = models["bn_init"][0].double().cpu()
+    W_star = models["plain"].linears[0].weight.detach().double().cpu()
+    if not torch.isfinite(W_star).all() or float((W0 * W_star).sum()) <= 0:
+        return {"lemma_applicable": False}
+    whole = theory.lemma45(W0, W_star)
+    # per unit (row of W): each unit may be rescaled on its own, which BN allows too
+    rows = [theory.lemma45(W0[j], W_star[j]) for j in range(W0.shape[0]) if float(W0[j] @ W_star[j]) > 0]
+    ds = data.load(cfg.dataset, device)
+    x, labels = measurement_batches(ds, cfg)[0]
+    gaps = {
+        eps: theory.scale_invariance_gap(theory.as_sequential(models["bn"]), x, labels, whole.k, eps)
+        for eps in (0.0, float(models["bn"].norms[0].eps))
+    }
+    return {
+        "lemma_applicable": True,
+        "lemma_k": whole.k,
+        "lemma_dist_plain": whole.dist_sq_plain,
+        "lemma_dist_bn": whole.dist_sq_bn,
+        "lemma_gain": whole.dist_sq_plain - whole.dist_sq_bn,
+        "lemma_gain_predicted": whole.gain_predicted,
+        "lemma_identity_err": abs(whole.dist_sq_plain - whole.dist_sq_bn - whole.gain_predicted) / whole.dist_sq_plain,
+        "lemma_rows": len(rows),
+        "lemma_dist_bn_rows": sum(r.dist_sq_bn for r in rows),
+        "lemma_dist_plain_rows": sum(r.dist_sq_plain for r in rows),
+        "lemma_scale_gap_eps0": gaps[0.0],
+        "lemma_scale_gap_net_eps": gaps[float(models["bn"].norms[0].eps)],
+    }
+
+
+# ------------------------------------------------------------------ the experiment
+def run(cfg: TheoremsConfig, device: torch.device) -> Outcome:
+    """All three parts; the metrics and arrays the chapter prints and plots."""
+    torch.manual_seed(cfg.seed)
+    with train.cpu_threads(1 if device.type == "cpu" else None):
+        inst_metrics, inst_arrays = random_instance_sweep(cfg)
+        cx = counterexample(cfg.seed)
+    net_metrics, net_arrays, models = train_and_measure(cfg, device)
+    lemma = lemma45_on_network(models, cfg, device)
+    return Outcome(
+        metrics={**inst_metrics, **cx, **net_metrics, **lemma},
+        arrays={**inst_arrays, **net_arrays},
+        datasets=[cfg.dataset],
+    )
+
+
+# ------------------------------------------------------------------ figures
+LAYER_NAMES = ("layer 1", "layer 2", "layer 3")
+KIND_MARKERS = {"linear": "o", "cubic": "s", "mlp": "^"}
+
+
+def plot_instances(a: dict[str, np.ndarray]):
+    """Figure: printed and corrected right side of Theorem 4.1 over the true ‖∇_y L̂‖², random instances."""
+    import matplotlib.pyplot as plt
+
+    from bnbook.plots import PALETTE
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(a["inst_m"]))
+    x = np.log2(a["inst_m"]) + jitter
+    for k, kind in enumerate(INSTANCE_KINDS):
+        sel = a["inst_kind"] == k
+        ax.scatter(x[sel], a["inst_ratio_printed"][sel], s=14, marker=KIND_MARKERS[kind], color=PALETTE["no_bn"],
+                   alpha=0.6, label=f"printed (1/√m), {kind} loss")
+        ax.scatter(x[sel], a["inst_ratio_corrected"][sel], s=14, marker=KIND_MARKERS[kind], color=PALETTE["bn"],
+                   alpha=0.8, label=f"corrected (1/m), {kind} loss")
+    ax.axhline(1.0, color=PALETTE["ref"], lw=0.8)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ticks = np.unique(a["inst_m"])
+    ax.set_xticks(np.log2(ticks), [str(int(t)) for t in ticks])
+    ax.set_xlabel("batch size m")
+    ax.set_ylabel("right side / ‖∇$_y\\hat{L}$‖²")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def _layer_sum(a: dict[str, np.ndarray], name: str) -> np.ndarray:
+    return a[name].sum(-1)  # (checkpoints, layers)
+
+
+def plot_gradients(a: dict[str, np.ndarray]):
+    """Figure: per layer over training, ‖∇_y L̂‖² (autograd), the corrected right side, ‖g‖², and the no-BN net's gradient."""
+    import matplotlib.pyplot as plt
+
+    from bnbook.plots import PALETTE
+
+    steps = a["steps"]
+    n_layers = a["bn_grad_sq_bn"].shape[1]
+    fig, axes = plt.subplots(1, n_layers, figsize=(10, 3.3), sharey=True)
+    for layer, ax in enumerate(np.atleast_1d(axes)):
+        ax.plot(steps, _layer_sum(a, "bn_grad_sq_bn")[:, layer], color=PALETTE["bn"], lw=2,
+                label="BN net: ‖∇$_y\\hat L$‖² (autograd)")
+        ax.plot(steps, _layer_sum(a, "bn_rhs41_corrected")[:, layer], "o", mfc="none", color="k", ms=6,
+                label="Thm 4.1 corrected right side")
+        ax.plot(steps, _layer_sum(a, "bn_grad_sq_z")[:, layer], "--", color=PALETTE["bn"],
+                label="same z, no BN: ‖g‖² = ‖∂L/∂z‖²")
+        ax.plot(steps, _layer_sum(a, "plain_grad_sq")[:, layer], ":", color=PALETTE["no_bn"], lw=2,
+                label="net trained without BN: ‖∂L/∂y‖²")
+        ax.set_yscale("log")
+        ax.set_title(LAYER_NAMES[layer] if layer < len(LAYER_NAMES) else f"layer {layer + 1}")
+        ax.set_xlabel("SGD step")
+    np.atleast_1d(axes)[0].set_ylabel("squared gradient norm, summed over units")
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_terms(a: dict[str, np.ndarray]):
+    """Figure: γ²/σ² (median and 10–90 % band over units) and the two reduction terms' share of ‖g‖², per layer."""
+    import matplotlib.pyplot as plt
+
+    steps = a["steps"]
+    n_layers = a["bn_scale"].shape[1]
+    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.8, n_layers))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for layer in range(n_layers):
+        scale = a["bn_scale"][:, layer]
+        name = LAYER_NAMES[layer] if layer < len(LAYER_NAMES) else f"layer {layer + 1}"
+        left.plot(steps, np.median(scale, -1), color=colors[layer], lw=2, label=name)
+        left.fill_between(steps, np.quantile(scale, 0.1, -1), np.quantile(scale, 0.9, -1), color=colors[layer], alpha=0.2)
+        g = _layer_sum(a, "bn_grad_sq_z")[:, layer]
+        right.plot(steps, _layer_sum(a, "bn_mean_term")[:, layer] / g, color=colors[layer], lw=2,
+                   label=f"{name}: ⟨1,g⟩²/m")
+        right.plot(steps, _layer_sum(a, "bn_yhat_term")[:, layer] / g, "--", color=colors[layer], lw=2,
+                   label=f"{name}: ⟨g,ŷ⟩²/m")
+    left.axhline(1.0, color="0.35", lw=0.8)
+    left.set_yscale("log")
+    left.set_ylabel("γ²/σ²  (BN's rescaling)")
+    left.set_xlabel("SGD step")
+    left.legend(fontsize=8)
+    right.set_yscale("log")
+    right.set_ylabel("share of ‖g‖² removed")
+    right.set_xlabel("SGD step")
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curvature(a: dict[str, np.ndarray]):
+    """Figure: curvature along the gradient per layer over training (Theorem 4.2's two terms, and the no-BN nets)."""
+    import matplotlib.pyplot as plt
+
+    from bnbook.plots import PALETTE
+
+    steps = a["steps"]
+    n_layers = a["bn_curv_bn"].shape[1]
+    fig, axes = plt.subplots(1, n_layers, figsize=(10, 3.3), sharey=True)
+    for layer, ax in enumerate(np.atleast_1d(axes)):
+        v_sq = _layer_sum(a, "bn_v_sq")[:, layer]
+        ax.plot(steps, _layer_sum(a, "bn_curv_bn")[:, layer] / v_sq, color=PALETTE["bn"], lw=2,
+                label="BN net along ∇$_y\\hat L$ (HVP)")
+        ax.plot(steps, _layer_sum(a, "bn_scaled_curv")[:, layer] / v_sq, "o", mfc="none", color="k", ms=6,
+                label="(γ²/σ²)·vᵀHv/‖v‖²")
+        ax.plot(steps, -_layer_sum(a, "bn_reduction")[:, layer] / v_sq, "x", color="k", ms=6,
+                label="−(γ/(mσ²))⟨g,ŷ⟩")
+        ax.plot(steps, _layer_sum(a, "bn_gHg")[:, layer] / _layer_sum(a, "bn_grad_sq_z")[:, layer], "--",
+                color=PALETTE["bn"], label="same z, no BN: gᵀHg/‖g‖²")
+        ax.plot(steps, _layer_sum(a, "plain_gHg")[:, layer] / _layer_sum(a, "plain_grad_sq")[:, layer], ":",
+                color=PALETTE["no_bn"], lw=2, label="net trained without BN")
+        ax.set_yscale("symlog", linthresh=1e-6)
+        ax.set_title(LAYER_NAMES[layer] if layer < len(LAYER_NAMES) else f"layer {layer + 1}")
+        ax.set_xlabel("SGD step")
+    np.atleast_1d(axes)[0].set_ylabel("curvature along the gradient")
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
