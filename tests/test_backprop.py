@@ -248,3 +248,14 @@ def test_benchmark_script(tmp_path):
     assert record["environment"]["device"] == "cpu"
     bad = subprocess.run([sys.executable, str(script), "--shapes", "8"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "bad shape" in bad.stderr
+
+
+def test_experiment_is_deterministic_for_a_seed():
+    from bnbook.experiments import backprop as exp
+
+    cfg = exp.BackpropConfig.from_params("smoke", bench_shapes=((4, 2),), bench_repeats=1, bench_warmup=0)
+    first, second = (exp.run(cfg, torch.device("cpu")) for _ in range(2))
+    numbers = lambda o: {k: v for k, v in o.metrics.items() if not k.startswith("bench")}  # noqa: E731
+    assert numbers(first) == numbers(second)  # timings aside, bit-for-bit the same
+    other = exp.run(cfg.replace(seed=1), torch.device("cpu"))
+    assert numbers(other)["unit_sigma2"] != numbers(first)["unit_sigma2"]

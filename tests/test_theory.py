@@ -272,3 +272,16 @@ def test_trained_network_measurement_is_exact_and_reproducible():
     assert np.nanmax(a["bn_res41"]) < 1e-10 and np.nanmax(a["bn_res42"]) < 1e-8
     for key in ("bn_grad_sq_bn", "bn_curv_bn", "plain_grad_sq", "test_acc_bn"):
         np.testing.assert_array_equal(runs[0][key], runs[1][key])
+
+
+def test_chapter_phrases_follow_the_metrics_and_survive_missing_values():
+    M = {"L1_mean_frac_all": 0.02, "L1_yhat_frac_all": 0.01, "L1_scale_med": 0.3, "L1_curv_red_share_median": 0.1,
+         "L2_mean_frac_all": 0.001, "L2_yhat_frac_all": 0.01, "L2_scale_med": 15.0, "L3_scale_med": None}
+    p = theorems.summary_phrases(M)
+    assert p["dominant"] == "layer 1: the mean term; layer 2: the ŷ term"
+    assert p["amplified_layers"] == "2" and "larger than 1" in p["scale_verdict"]
+    assert p["removed_max"] == "3.0" and p["red_share_max"] == "10.0" and p["red_init_max"] == "—"
+    assert "below 1" in theorems.summary_phrases({"L1_scale_med": 0.5})["scale_verdict"]
+    rows = theorems.paper_vs_ours({k: None for k in ("inst_res41_max", "inst_printed41_fail_frac", "inst_res42_max",
+                                                      "inst_t44_corrected_hold_frac", "inst_t44_printed_fail_frac")})
+    assert len(rows) == 6 and all("—" in r["ours"] for r in rows)

@@ -77,9 +77,7 @@ def normalize(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
     _check_input(x)
     if eps < 0:
         raise BnbookError(f"eps must be >= 0, got {eps}")
-    dims = norms.reduce_dims(x)
-    mean = x.mean(dim=dims)
-    var = x.var(dim=dims, correction=0)
+    mean, var, _ = norms.batch_stats(x)
     inv_std = torch.rsqrt(var + eps)
     x_hat = (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
     return x_hat, mean, inv_std
@@ -113,9 +111,7 @@ def staged_gradients(grad_y: Tensor, x: Tensor, gamma: Tensor, eps: float = 1e-5
     ``x``, ``gamma``, ``beta``. Per-channel quantities have shape (C,).
     """
     m = _check_input(x)
-    dims = norms.reduce_dims(x)
-    mu = x.mean(dim=dims)
-    var = x.var(dim=dims, correction=0)
+    mu, var, _ = norms.batch_stats(x)
     xc = x - _per_channel(mu, x)  # xᵢ − μ
     x_hat = xc / torch.sqrt(_per_channel(var, x) + eps)
     d_xhat = grad_y * _per_channel(gamma, x)

@@ -273,3 +273,51 @@ def figure_roc(res: Result):
     axes[0].set_ylabel("true-positive rate")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- tables
+def open_choices(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The settings the paper leaves open, our value (from the run's config) and the reason, as table rows."""
+    c = config
+    return [
+        {"what": "optimiser", "ours": f"plain SGD ({c['optimizer']}), constant learning rate",
+         "why": "Algorithm 2 names SGD; §4.1 names none. No momentum or schedule, so BN is the only difference."},
+        {"what": "learning rate", "ours": c["lr"],
+         "why": "the same for both nets; large enough that the net without BN learns within the budget, "
+                "small enough that its slow start (Fig. 1a) remains"},
+        {"what": "initial weights", "ours": f"N(0, {c['init_std']}²), biases 0",
+         "why": "'small random Gaussian values'; this scale also reproduces the narrow start of Fig. 1(b)"},
+        {"what": "biases", "ours": "hidden biases only without BN; read-out bias always",
+         "why": "§3.2: BN's β takes the bias's role"},
+        {"what": "BN's ε", "ours": c["eps"], "why": "not stated; PyTorch's default"},
+        {"what": "inference statistics", "ours": f"running averages, momentum {c['bn_momentum']}",
+         "why": "§3.1 allows moving averages to track accuracy during training; chapter 1 compares them"},
+        {"what": "input", "ours": "pixels scaled to [0, 1], standardised with the training mean and std",
+         "why": "the paper's 'binary images' are not specified further; bnbook.data standardises every dataset"},
+        {"what": "percentile batch", "ours": f"the first {c['probe_size']} test images, BN with their own statistics",
+         "why": "not stated; a fixed batch makes the curves comparable across steps"},
+    ]
+
+
+def percentile_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Paper-vs-ours rows of the 15/50/85th percentiles at the start and the end of training."""
+    rows = []
+    for v in VARIANTS:
+        for when in ("start", "end"):
+            paper, ours = REFERENCE_PERCENTILES[v][when], metrics[f"pct_{when}_{v}"]
+            rows.append({"net": LABELS[v], "when": when,
+                         **{f"paper_{q}": p for q, p in zip(QUANTILES, paper)},
+                         **{f"ours_{q}": o for q, o in zip(QUANTILES, ours)}})
+    return rows
+
+
+def timing_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Wall-clock training time and throughput of each variant, and its final accuracy and AUC."""
+    return [
+        {"net": LABELS[v], "time": metrics[f"train_time_s_{v}"], "per_model": metrics[f"time_per_model_s_{v}"],
+         "rate": metrics[f"model_steps_per_s_{v}"], "eval": metrics[f"eval_time_s_{v}"],
+         "acc": metrics[f"acc_final_{v}"], "acc_sd": metrics[f"acc_final_sd_{v}"],
+         "auc": metrics[f"auc_macro_{v}"], "auc_min": metrics[f"auc_min_{v}"],
+         "auc_min_class": metrics[f"auc_min_class_{v}"]}
+        for v in VARIANTS
+    ]

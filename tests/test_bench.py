@@ -1,0 +1,59 @@
+"""bnbook.bench: the FLOP count, the benchmark's summary, the performance appendix's result file.
+
+Nothing here is timed: the numbers depend on the machine and its load; the appendix reports them.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bnbook import bench, results
+from bnbook.errors import BnbookError
+from bnbook.experiments import performance
+
+
+def test_flops_per_model_step_by_hand():
+    # layers 4->3->2, batch 5: forward 120 + 60; weight grads the same; input grad of layer 2 only
+    assert bench.flops_per_model_step((4, 3, 2), 5) == 2 * (120 + 60) + 60
+
+
+def test_flops_per_model_step_matches_torch_counter():
+    s = bench.BenchSettings()
+    model = bench.tutorial_mlp(s, 784, 10, seed=0)
+    x, y = torch.randn(60, 784), torch.randint(0, 10, (60,))
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert counter.get_total_flops() == bench.flops_per_model_step((784, 100, 100, 100, 10), 60)
+
+
+def test_run_benchmark_summary():
+    s = bench.BenchSettings(steps=3, warmup=1, repeats=2, stacks=(1, 2), gemm_size=64)
+    out = bench.run_benchmark(s, torch.device("cpu"))
+    names = ["tutorial", "indexed", "engine_k1", "engine_k2"]
+    assert [r["contender"] for r in out["rows"]] == names
+    assert all(len(out["samples"][n]) == 2 and min(out["samples"][n]) > 0 for n in names)
+    assert out["best_engine"] in ("engine_k1", "engine_k2")
+    assert math.isclose(out["ratio_best"], out["best"][out["best_engine"]] / out["best"]["tutorial"])
+    limit = max(out["sgemm_gflops_used_threads"], out["sgemm_gflops_all_threads"]) * 1e9 / out["flops_per_model_step"]
+    assert math.isclose(out["compute_limit_model_steps_per_s"], limit)
+    assert 0 < out["fraction_of_limit"]
+    assert torch.get_num_threads() == 1  # the benchmark restores the thread count it found
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(BnbookError, match="stack"):
+        bench.BenchSettings(stacks=(0,))
+
+
+def test_performance_appendix_result_file():
+    cfg = performance.PerformanceConfig.from_params("smoke", device="cpu")
+    res = results.cached("90-performance", cfg, performance.run)
+    results.validate_result(res.record)
+    assert set(res.arrays) == {f"samples_{r['contender']}" for r in res.metrics["rows"]}
+    assert np.all(res.arrays["samples_tutorial"] > 0)
+    fig = performance.figure(res)
+    assert len(fig.axes[0].patches) == len(res.metrics["rows"])
