@@ -158,6 +158,7 @@ def test_corrupt_download_never_passes(server, data_home, monkeypatch):
         data.load("mnist")
     msg = str(err.value)
     assert "train-images-idx3-ubyte.gz" in msg and "mnist5k" in msg and str(data_home / "mnist") in msg
+    assert "checksum mismatch" in msg
     assert not (data_home / "mnist" / "train-images-idx3-ubyte.gz").exists()
 
 

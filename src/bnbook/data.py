@@ -222,12 +222,22 @@ def fetch(name: str) -> list[Path]:
             )
         except Exception as exc:  # noqa: BLE001 - network, HTTP and checksum errors all mean "not available"
             raise DatasetError(
-                f"dataset {name!r} is not available: could not get {f.fname} from {f.url} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}). "
+                f"dataset {name!r} is not available: could not get {f.fname} from {f.url} ({_reason(exc)}). "
                 f"Download it by hand and put it at {folder / f.fname} (it must match {f.known_hash}), "
                 f"or use the offline dataset {OFFLINE_ALTERNATIVE[name]!r}"
             ) from exc
     return paths
+
+
+def _reason(exc: Exception) -> str:
+    """A short reason for a failed download (requests' messages run to several lines of URL)."""
+    text = str(exc)
+    if isinstance(exc, ValueError) and "hash" in text.lower():
+        return "checksum mismatch: the file is incomplete or corrupt"
+    if "ConnectionError" in type(exc).__name__ or "Failed to resolve" in text or "Connection refused" in text:
+        return f"no network connection ({type(exc).__name__})"
+    first = text.splitlines()[0] if text else "no detail"
+    return f"{type(exc).__name__}: {first[:160]}"
 
 
 def read_cifar10_tar(path: Path) -> dict[str, np.ndarray]:

@@ -222,12 +222,12 @@ class StackedMLP(nn.Module):
 
     @classmethod
     def from_models(cls, models: Sequence[MLP]) -> StackedMLP:
-        """Stack ``models`` (same :func:`stack_signature`) into one module on their device."""
+        """Stack ``models`` (same :func:`stack_signature`) into one module on their device, in their dtype."""
         sigs = {stack_signature(m) for m in models}
         if not models or None in sigs or len(sigs) != 1:
             raise BnbookError("StackedMLP needs one or more MLPs of one shape with no norm or BatchNorm layers")
-        device = next(models[0].parameters()).device
-        stack = cls(sigs.pop(), len(models)).to(device)
+        first = next(models[0].parameters())
+        stack = cls(sigs.pop(), len(models)).to(device=first.device, dtype=first.dtype)
         with torch.no_grad():
             for i in range(len(stack.weights)):
                 lins = [(list(m.linears) + [m.readout])[i] for m in models]
@@ -391,8 +391,12 @@ class ModuleStack(nn.Module):
                 raise BnbookError(f"{type(m).__name__} has no pre_activations(): this probe needs one")
             use_batch = m.training if batch_stats is None else batch_stats
             if use_batch:
-                m = _batch_stats_no_update(m)
-            per_model.append(m.pre_activations(x[k]))
+                per_model.append(_batch_stats_no_update(m).pre_activations(x[k]))
+            else:
+                was_training = m.training
+                m.eval()  # running statistics, and no update of them
+                per_model.append(m.pre_activations(x[k]))
+                m.train(was_training)
         return [torch.stack(layer) for layer in zip(*per_model)]
 
     def write_back(self, models: Sequence[nn.Module]) -> None:

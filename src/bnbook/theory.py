@@ -15,8 +15,11 @@ checking identities. The functions return plain tensors or small dataclasses of 
 so the chapter and the tests compute each side of each statement with the same code.
 
 The network-level helpers (:func:`measure_bn_layers`, :func:`measure_plain_layers`)
-evaluate the same quantities at every BN layer of a trained ``nn.Sequential`` network,
-with exact Hessian-vector products (``torch.func``, forward-over-reverse).
+evaluate the same quantities at every BN layer of a trained ``nn.Sequential`` network
+(:func:`as_sequential` reads a :class:`bnbook.nets.MLP` as one), with exact
+Hessian-vector products (``torch.func``, forward-over-reverse). :func:`random_instance`,
+:func:`check_instance` and :func:`check_theorem44` build random float64 layers and compute
+every side of every statement on them, for the tests and the chapter's instance sweep.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from bnbook import backprop
+from bnbook import backprop, norms
 from bnbook.errors import BnbookError
 
 __all__ = [
@@ -52,6 +55,13 @@ __all__ = [
     "LayerMeasurement",
     "measure_bn_layers",
     "measure_plain_layers",
+    "scale_invariance_gap",
+    "as_sequential",
+    "INSTANCE_KINDS",
+    "Instance",
+    "random_instance",
+    "check_instance",
+    "check_theorem44",
 ]
 
 
@@ -356,7 +366,7 @@ class LayerMeasurement:
 
 
 def _is_bn(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__ == "BatchNorm"
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, norms.BatchNorm))
 
 
 def _functional_copy(model: nn.Sequential) -> nn.Sequential:

@@ -190,7 +190,7 @@ def activation_percentiles(
 
     def probe(stack: nn.Module, x: Tensor) -> Tensor:
         z = stack.pre_activations(x, batch_stats=batch_stats)[layer][:, :, unit]
-        return torch.quantile(z, quantiles.to(z.device), dim=1).T
+        return torch.quantile(z, quantiles.to(z.device, z.dtype), dim=1).T
 
     return probe
 
@@ -234,6 +234,7 @@ def fit(
     manual = cfg.manual_backward and isinstance(stack, StackedMLP)
     opt = make_optimizer(stack.parameters(), cfg)
     log_steps = cfg.log_steps()
+    log_set = set(log_steps.tolist())
     n_log = len(log_steps)
     nan = float("nan")
     rec_train = torch.full((n_log, k), nan, device=device)
@@ -281,7 +282,7 @@ def fit(
         with torch.no_grad():
             loss_sum += losses
             diverged = torch.where(~torch.isfinite(losses) & (diverged < 0), step, diverged)
-        if step in log_steps:
+        if step in log_set:
             i = int(np.searchsorted(log_steps, step))
             record(i, step - last)
             last = step

@@ -299,7 +299,15 @@ def train_and_measure(cfg: TheoremsConfig, device: torch.device) -> tuple[dict, 
 
 
 def network_metrics(a: dict[str, np.ndarray], cfg: TheoremsConfig) -> dict:
-    """Headline numbers of the trained-network measurements (per layer at the last finite checkpoint)."""
+    """Headline numbers of the trained-network measurements (per layer at the last finite checkpoint).
+
+    A ratio with a zero denominator (e.g. vanished gradients after a blow-up) is NaN, stored as null.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _network_metrics(a, cfg)
+
+
+def _network_metrics(a: dict[str, np.ndarray], cfg: TheoremsConfig) -> dict:
     finite = np.isfinite(a["bn_grad_sq_bn"]).all(axis=(1, 2))
     metrics: dict = {
         "net_steps": int(a["steps"][-1]),
@@ -322,7 +330,7 @@ def network_metrics(a: dict[str, np.ndarray], cfg: TheoremsConfig) -> dict:
     )
     n_layers = a["bn_grad_sq_bn"].shape[1]
     for layer in range(n_layers):
-        s = lambda name, t=last: float(np.sum(a[name][t, layer]))  # noqa: E731 - a layer's total over units
+        s = lambda name, t=last: np.float64(np.sum(a[name][t, layer]))  # noqa: E731 - a layer's total (0/0 -> nan)
         scale = a["bn_scale"][:, layer]
         g = s("bn_grad_sq_z")
         metrics.update({
@@ -514,6 +522,12 @@ def _layer_sum(a: dict[str, np.ndarray], name: str) -> np.ndarray:
     return a[name].sum(-1)  # (checkpoints, layers)
 
 
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den with 0/0 -> NaN silently (vanished gradients after a blow-up are drawn as gaps)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return num / den
+
+
 def plot_gradients(a: dict[str, np.ndarray]):
     """Figure: per layer over training, ‖∇_y L̂‖² (autograd), the corrected right side, ‖g‖², and the no-BN net's gradient."""
     import matplotlib.pyplot as plt
@@ -555,9 +569,9 @@ def plot_terms(a: dict[str, np.ndarray]):
         left.plot(steps, np.median(scale, -1), color=colors[layer], lw=2, label=name)
         left.fill_between(steps, np.quantile(scale, 0.1, -1), np.quantile(scale, 0.9, -1), color=colors[layer], alpha=0.2)
         g = _layer_sum(a, "bn_grad_sq_z")[:, layer]
-        right.plot(steps, _layer_sum(a, "bn_mean_term")[:, layer] / g, color=colors[layer], lw=2,
+        right.plot(steps, _div(_layer_sum(a, "bn_mean_term")[:, layer], g), color=colors[layer], lw=2,
                    label=f"{name}: ⟨1,g⟩²/m")
-        right.plot(steps, _layer_sum(a, "bn_yhat_term")[:, layer] / g, "--", color=colors[layer], lw=2,
+        right.plot(steps, _div(_layer_sum(a, "bn_yhat_term")[:, layer], g), "--", color=colors[layer], lw=2,
                    label=f"{name}: ⟨g,ŷ⟩²/m")
     left.axhline(1.0, color="0.35", lw=0.8)
     left.set_yscale("log")
@@ -583,15 +597,15 @@ def plot_curvature(a: dict[str, np.ndarray]):
     fig, axes = plt.subplots(1, n_layers, figsize=(10, 3.3), sharey=True)
     for layer, ax in enumerate(np.atleast_1d(axes)):
         v_sq = _layer_sum(a, "bn_v_sq")[:, layer]
-        ax.plot(steps, _layer_sum(a, "bn_curv_bn")[:, layer] / v_sq, color=PALETTE["bn"], lw=2,
+        ax.plot(steps, _div(_layer_sum(a, "bn_curv_bn")[:, layer], v_sq), color=PALETTE["bn"], lw=2,
                 label="BN net along ∇$_y\\hat L$ (HVP)")
-        ax.plot(steps, _layer_sum(a, "bn_scaled_curv")[:, layer] / v_sq, "o", mfc="none", color="k", ms=6,
+        ax.plot(steps, _div(_layer_sum(a, "bn_scaled_curv")[:, layer], v_sq), "o", mfc="none", color="k", ms=6,
                 label="(γ²/σ²)·vᵀHv/‖v‖²")
-        ax.plot(steps, -_layer_sum(a, "bn_reduction")[:, layer] / v_sq, "x", color="k", ms=6,
+        ax.plot(steps, _div(-_layer_sum(a, "bn_reduction")[:, layer], v_sq), "x", color="k", ms=6,
                 label="−(γ/(mσ²))⟨g,ŷ⟩")
-        ax.plot(steps, _layer_sum(a, "bn_gHg")[:, layer] / _layer_sum(a, "bn_grad_sq_z")[:, layer], "--",
+        ax.plot(steps, _div(_layer_sum(a, "bn_gHg")[:, layer], _layer_sum(a, "bn_grad_sq_z")[:, layer]), "--",
                 color=PALETTE["bn"], label="same z, no BN: gᵀHg/‖g‖²")
-        ax.plot(steps, _layer_sum(a, "plain_gHg")[:, layer] / _layer_sum(a, "plain_grad_sq")[:, layer], ":",
+        ax.plot(steps, _div(_layer_sum(a, "plain_gHg")[:, layer], _layer_sum(a, "plain_grad_sq")[:, layer]), ":",
                 color=PALETTE["no_bn"], lw=2, label="net trained without BN")
         ax.set_yscale("symlog", linthresh=1e-6)
         ax.set_title(LAYER_NAMES[layer] if layer < len(LAYER_NAMES) else f"layer {layer + 1}")
