@@ -128,6 +128,7 @@ def test_batch_mode_accuracy_restores_buffers_and_matches_eval_for_gn() -> None:
     gn = _cnn("gn", [0]).float()
     _, acc = bs.train.evaluate(gn, ds.x_test, ds.y_test)
     np.testing.assert_allclose(bs.batch_mode_accuracy(gn, ds.x_test, ds.y_test, 4), acc.numpy())
+    assert np.isnan(bs.batch_mode_accuracy(gn, ds.x_test, ds.y_test, 64)).all()  # fewer than N test images
 
 
 def test_statistics_noise_of_iid_values_follows_one_over_sqrt_m() -> None:

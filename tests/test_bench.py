@@ -57,3 +57,16 @@ def test_performance_appendix_result_file():
     assert np.all(res.arrays["samples_tutorial"] > 0)
     fig = performance.figure(res)
     assert len(fig.axes[0].patches) == len(res.metrics["rows"])
+
+
+def test_default_threads_contenders_are_labelled():
+    # run at the suite's single thread: two threads on a busy 2-core machine can be 100x slower
+    s = bench.BenchSettings(steps=2, warmup=1, repeats=1, stacks=(2,), gemm_size=32, all_threads_too=True)
+    out = bench.run_benchmark(s, torch.device("cpu"))
+    rows = {r["contender"]: r for r in out["rows"]}
+    assert set(rows) == {"tutorial", "indexed", "engine_k2", "tutorial_all", "engine_k2_all"}
+    assert rows["tutorial_all"]["threads"] == out["threads_all"] and rows["tutorial"]["threads"] == 1
+    assert rows["engine_k2_all"]["models"] == 2
+    assert out["best_engine"] == "engine_k2"  # the headline compares like with like
+    assert performance.label("engine_k2_all") == "engine, 2 models stacked, default threads"
+    assert performance.label("tutorial_all") == "tutorial loop, default threads"

@@ -207,3 +207,60 @@ def test_probing_never_touches_running_statistics():
             stack.pre_activations(x, batch_stats=batch_stats)
         assert all(torch.equal(a, b) for a, b in zip(before, stack.buffers()))
         assert stack.training
+
+
+# ---------------------------------------------------------------- chapter 3's experiment
+def test_roc_per_class_extremes():
+    from bnbook.experiments import ioffe
+
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    perfect = np.eye(3)[labels]
+    grid = np.linspace(0, 1, 11)
+    tpr, auc = ioffe.roc_per_class(perfect, labels, grid)
+    np.testing.assert_allclose(auc, 1.0)
+    assert (tpr[:, 1:] == 1).all()
+    _, auc_rev = ioffe.roc_per_class(1 - perfect, labels, grid)
+    np.testing.assert_allclose(auc_rev, 0.0)
+    _, auc_nan = ioffe.roc_per_class(np.full((6, 3), np.nan), labels, grid)
+    assert np.isnan(auc_nan).all()  # a diverged model has no ROC curve
+
+
+def test_first_step_and_reference_rows():
+    from bnbook.experiments import ioffe
+
+    steps = np.array([0, 10_000, 20_000])
+    acc = np.array([[0.1, 0.1], [0.95, 0.5], [0.97, 0.96]])
+    assert ioffe._first_step(steps, acc, 0.96) == [20_000, 20_000]
+    assert ioffe._first_step(steps, acc, 0.9) == [10_000, 20_000]
+    assert ioffe._first_step(steps, acc, 0.99) == [None, None]
+    fits = {v: train.FitResult(steps, acc, acc, acc, {}, np.array([-1, -1]), [0, 1], 1.0, 0.1, True, "cpu")
+            for v in ioffe.VARIANTS}
+    rows = ioffe.comparison_rows(steps, fits)
+    assert [r["step"] for r in rows] == [10_000, 20_000]  # only the paper's steps this run reached
+    assert rows[0]["paper_bn"] == 0.966 and rows[0]["ours_bn"] == pytest.approx(0.725)
+
+
+def test_ioffe_smoke_result_has_what_the_chapter_reads():
+    from bnbook import results
+    from bnbook.experiments import ioffe
+
+    cfg = ioffe.IoffeConfig.from_params("smoke", device="cpu")
+    res = results.cached("03-ioffe-mnist", cfg, ioffe.run)
+    m, a = res.metrics, res.arrays
+    n_log = len(a["steps"])
+    assert a["acc_bn"].shape == (n_log, cfg.seeds) and a["pct_no_bn"].shape == (n_log, cfg.seeds, 3)
+    assert a["auc_bn"].shape == (cfg.seeds, 10) and a["roc_tpr_bn"].shape[:2] == (cfg.seeds, 10)
+    for v in ioffe.VARIANTS:
+        for key in ("acc_final", "train_time_s", "model_steps_per_s", "auc_macro", "median_range", "pct_start"):
+            assert f"{key}_{v}" in m
+    assert m["steps"] == cfg.steps and res.record["datasets"] == ["mnist5k"]
+    assert len(ioffe.open_choices(res.config)) >= 5 and len(ioffe.percentile_rows(m)) == 4
+    # BN's percentiles at step 0 are those of a standardised unit: close to ∓1.04 and 0
+    np.testing.assert_allclose(a["pct_bn"][0, :, 1], 0, atol=0.15)
+
+
+def test_log_steps():
+    assert train.FitConfig(steps=250, log_every=100).log_steps().tolist() == [0, 100, 200, 250]
+    assert train.FitConfig(steps=250, log_every=100, log_at=(5, 100)).log_steps().tolist() == [0, 5, 100, 200, 250]
+    with pytest.raises(BnbookError, match="log_at"):
+        train.FitConfig(steps=10, log_at=(11,))

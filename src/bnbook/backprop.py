@@ -22,16 +22,16 @@ This module provides
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from bnbook import norms
+from bnbook.env import num_threads
 from bnbook.errors import BnbookError
 
 
@@ -246,18 +246,6 @@ def jacobian_autograd(x: Tensor, gamma: float = 1.0, beta: float = 0.0, eps: flo
 
 
 # ---------------------------------------------------------------- speed
-@contextlib.contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (``None``: leave it)."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -46,6 +46,7 @@ class BenchSettings:
     repeats: int = 3  # interleaved repetitions; the best and the median are reported
     threads: int | None = 1  # CPU threads for every contender (None: torch's default)
     gemm_size: int = 1024  # side of the square sgemm that measures the peak
+    all_threads_too: bool = False  # also time the tutorial and the largest stack with torch's default threads
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.repeats < 1 or not self.stacks or min(self.stacks) < 1:
@@ -154,8 +155,13 @@ def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[st
     }
     for k in s.stacks:
         contenders[f"engine_k{k}"] = functools.partial(time_engine, s, ds, k, True)  # called with seed=r
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
     old_threads = torch.get_num_threads()
+    row_threads = {name: s.threads or old_threads for name in contenders}
+    if s.all_threads_too and device.type == "cpu":
+        for name in ("tutorial", f"engine_k{max(s.stacks)}"):
+            contenders[f"{name}_all"] = _with_threads(contenders[name], old_threads)
+            row_threads[f"{name}_all"] = old_threads
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
     with train.cpu_threads(s.threads if device.type == "cpu" else None):
         threads = torch.get_num_threads()
         peak_used = sgemm_gflops(device, s.gemm_size)
@@ -172,7 +178,7 @@ def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[st
     limit = peak * 1e9 / flops
     best = {name: max(v) for name, v in samples.items()}
     median = {name: statistics.median(v) for name, v in samples.items()}
-    engine_best = max((n for n in best if n.startswith("engine")), key=best.get)
+    engine_best = max((n for n in best if n.startswith("engine") and not n.endswith("_all")), key=best.get)
     return {
         "device": str(device),
         "threads": threads,
@@ -191,7 +197,8 @@ def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[st
         "fraction_of_limit": best[engine_best] / limit,
         "headroom": limit / best["tutorial"],  # the largest ratio any engine could reach on this machine
         "rows": [
-            {"contender": name, "models": _models_of(name), "best": best[name], "median": median[name],
+            {"contender": name, "models": _models_of(name), "threads": row_threads[name] if device.type == "cpu" else None,
+             "best": best[name], "median": median[name],
              "ratio": best[name] / best["tutorial"], "fraction_of_limit": best[name] / limit}
             for name in contenders
         ],
@@ -199,7 +206,17 @@ def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[st
 
 
 def _models_of(name: str) -> int:
-    return int(name.removeprefix("engine_k")) if name.startswith("engine_k") else 1
+    return int(name.removeprefix("engine_k").removesuffix("_all")) if name.startswith("engine_k") else 1
+
+
+def _with_threads(fn: Callable[[int], float], threads: int) -> Callable[[int], float]:
+    """``fn`` run with ``threads`` CPU threads (restored afterwards)."""
+
+    def timed(r: int) -> float:
+        with train.cpu_threads(threads):
+            return fn(r)
+
+    return timed
 
 
 def samples_array(summary: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -304,7 +304,6 @@ class StackedMLP(nn.Module):
             h = self.act(self._norm(i, self._linear(i, h), self.training, update=self.training))
         return self._linear(len(self.weights) - 1, h)
 
-
     @torch.no_grad()
     def loss_and_grad(self, x: Tensor, y: Tensor) -> Tensor:
         """One training step's forward and backward pass, written out by hand (no autograd).
@@ -313,7 +312,7 @@ class StackedMLP(nn.Module):
         ``y`` (K, B), and *sets* the ``.grad`` of every parameter to the gradient of that
         model's loss; BN running averages are updated as in :meth:`forward`. This is the
         engine's fast path: the same numbers as ``per_model_loss(self(x), y).sum().backward()``
-        (a test checks it in float64) with about half the operations. BN's backward is the
+        (a test checks it in float64) with fewer operations. BN's backward is the
         compact form of Ioffe & Szegedy §3 (γ is constant over the batch, so it factors out):
         ∂ℓ/∂z = γ/(σ·B) · (B ∂ℓ/∂u − Σ ∂ℓ/∂u − x̂ Σ ∂ℓ/∂u x̂).
         """
@@ -609,10 +608,10 @@ class PackedMLP(_Packed):
         lin = norms.WSConv1d if self.ws else nn.Conv1d
         bias = self.base_norm == "none"
         sizes = (in_features, *self.hidden_sizes)
-        self.linears = nn.ModuleList(lin(k * a, k * b, 1, groups=k, bias=bias) for a, b in zip(sizes, sizes[1:]))
-        layers = [packed_norm(self.base_norm, h, k, renorm=renorm) if self.base_norm != "gn" else None for h in self.hidden_sizes]
         if self.base_norm == "gn":
             raise BnbookError("PackedMLP has no GroupNorm variant: use 'ln' (one group per model)")
+        self.linears = nn.ModuleList(lin(k * a, k * b, 1, groups=k, bias=bias) for a, b in zip(sizes, sizes[1:]))
+        layers = [packed_norm(self.base_norm, h, k, renorm=renorm) for h in self.hidden_sizes]
         self.norms = nn.ModuleList(nn.Identity() if n is None else n for n in layers)
         self.readout = nn.Conv1d(k * sizes[-1], k * num_classes, 1, groups=k)
         for i, layer in enumerate([*self.linears, self.readout]):

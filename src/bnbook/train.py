@@ -59,6 +59,7 @@ class FitConfig:
     momentum: float = 0.0  # SGD momentum (0: plain SGD)
     weight_decay: float = 0.0  # L2 penalty coefficient, applied to every parameter
     log_every: int = 100  # record metrics and probes every this many steps (and at 0 and at the end)
+    log_at: tuple[int, ...] = ()  # further steps to record at (e.g. a denser start)
     eval_batch: int = 2_000  # the test set is evaluated in chunks of this many examples
     probe_size: int = 1_000  # examples in the fixed probe batch (the first ones of the test set)
     stack: bool = True  # run same-shape MLPs as one StackedMLP (False: the plain per-model loop)
@@ -72,10 +73,13 @@ class FitConfig:
             raise BnbookError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         if not self.lr > 0:
             raise BnbookError(f"FitConfig.lr must be positive, got {self.lr}")
+        bad = [s for s in self.log_at if not 0 <= s <= self.steps]
+        if bad:
+            raise BnbookError(f"FitConfig.log_at has steps outside 0..{self.steps}: {bad}")
 
     def log_steps(self) -> np.ndarray:
-        """The steps at which metrics are recorded: 0, log_every, 2·log_every, ..., and ``steps``."""
-        return np.unique(np.r_[np.arange(0, self.steps, self.log_every), self.steps])
+        """The steps at which metrics are recorded: 0, log_every, 2·log_every, ..., ``steps``, and ``log_at``."""
+        return np.unique(np.r_[np.arange(0, self.steps, self.log_every), self.steps, list(self.log_at)]).astype(int)
 
 
 @dataclasses.dataclass

@@ -109,14 +109,14 @@ class BatchSizeConfig(ChapterConfig):
 
     profiles: ClassVar = {
         "smoke": {
-            "train_size": 128, "test_size": 100, "norms": ("bn", "brn", "gn", "none"), "batch_sizes": (4, 16),
+            "train_size": 128, "test_size": 100, "batch_sizes": (4, 16),
             "noise_sizes": (2, 8, 32), "noise_draws": 10, "noise_images": 128, "mlp_dataset": "fashion-mnist",
-            "mlp_train_size": 128, "mlp_test_size": 100, "mlp_norms": ("bn", "ln", "ws+bn"), "mlp_batch_sizes": (4, 16), "mlp_seeds": 2,
+            "mlp_train_size": 128, "mlp_test_size": 100, "mlp_batch_sizes": (4, 16), "mlp_seeds": 2,
             "speed_steps": 1, "speed_rounds": 1,
         },
         "paper": {
             "train_size": 0, "test_size": 0, "batch_sizes": (2, 4, 8, 16, 32, 64, 128, 256), "seeds": 3,
-            "epochs": 3, "noise_draws": 1_000, "noise_images": 10_000, "mlp_batch_sizes": (2, 4, 8, 16, 32, 64, 128),
+            "epochs": 2, "noise_draws": 1_000, "noise_images": 10_000, "mlp_batch_sizes": (2, 4, 8, 16, 32, 64, 128),
             "mlp_seeds": 5, "mlp_epochs": 5, "speed_steps": 50, "speed_rounds": 5, "threads": 0,
         },
     }
@@ -226,7 +226,10 @@ def train_packed(
 def batch_mode_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> np.ndarray:
     """Test accuracy (K,) with norms in *training* mode: each test batch of ``batch_size`` is
     normalised with its own statistics, as during training. Running statistics and step
-    counters are restored afterwards, so the model is left exactly as it was."""
+    counters are restored afterwards, so the model is left exactly as it was. NaN when the
+    test set holds fewer than ``batch_size`` examples (a partial batch would be another N)."""
+    if len(y) < batch_size:
+        return np.full(model.k, np.nan)
     saved = {name: b.clone() for name, b in model.named_buffers()}
     was_training = model.training
     model.train()
@@ -239,7 +242,7 @@ def batch_mode_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int)
     for name, b in model.named_buffers():
         b.copy_(saved[name])
     model.train(was_training)
-    return (correct / max(usable, 1)).cpu().numpy()
+    return (correct / usable).cpu().numpy()
 
 
 def sweep(
@@ -362,7 +365,8 @@ def run(cfg: BatchSizeConfig, device: torch.device) -> Outcome:
 def _run(cfg: BatchSizeConfig, device: torch.device) -> Outcome:
     torch.manual_seed(cfg.seed)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    ds = subset(datasets.load(cfg.dataset, device), cfg.train_size, cfg.test_size, seed=cfg.seed)
+    full = datasets.load(cfg.dataset, device)
+    ds = subset(full, cfg.train_size, cfg.test_size, seed=cfg.seed)
     if max(cfg.batch_sizes) > len(ds.y_train):
         raise BnbookError(f"largest batch size {max(cfg.batch_sizes)} exceeds the {len(ds.y_train)} training images")
     c_in, n_classes = ds.input_shape[0], ds.num_classes
@@ -418,10 +422,12 @@ def _run(cfg: BatchSizeConfig, device: torch.device) -> Outcome:
     times = step_times(make_cnn, ds, speed_norms, min(cfg.speed_batch, len(ds.y_train)), cfg.speed_steps, cfg.speed_rounds)
     step_ms = 1e3 * np.median(times, axis=1)
 
-    return _outcome(cfg, ds, mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, speed_norms, step_ms, seeds, mlp_seeds)
+    return _outcome(cfg, ds, len(full.y_train), mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, speed_norms, step_ms,
+                    seeds, mlp_seeds)
 
 
-def _outcome(cfg, ds, mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, speed_norms, step_ms, seeds, mlp_seeds) -> Outcome:
+def _outcome(cfg, ds, n_available, mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, speed_norms, step_ms, seeds,
+             mlp_seeds) -> Outcome:
     """Pack the four measurements into headline metrics (errors in %, times in ms) and raw arrays."""
     band = _seed_band(cnn["acc"])
     band_train_mode = _seed_band(cnn["acc_batch_mode"])
@@ -429,9 +435,11 @@ def _outcome(cfg, ds, mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, speed_norms, 
     bs = list(cfg.batch_sizes)
     metrics: dict[str, Any] = {
         "dataset": ds.name, "train_images": len(ds.y_train), "test_images": len(ds.y_test),
+        "train_images_available": n_available,
         "mlp_dataset": mlp_ds.name, "mlp_train_images": len(mlp_ds.y_train), "mlp_test_images": len(mlp_ds.y_test),
         "batch_sizes": bs, "norms": list(cfg.norms), "seeds": len(seeds), "epochs": cfg.epochs,
         "lr": {str(b): scaled_lr(cfg.base_lr, b) for b in bs},
+        "steps": {str(b): cfg.epochs * (len(ds.y_train) // b) for b in bs},
         "cnn_error": {k: dict(zip(map(str, bs), band["mean"][i])) for i, k in enumerate(cfg.norms)},
         "cnn_error_spread": {
             k: dict(zip(map(str, bs), band["max"][i] - band["min"][i])) for i, k in enumerate(cfg.norms)
@@ -459,11 +467,7 @@ def _outcome(cfg, ds, mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, speed_norms, 
     metrics["noise_effective_per_image"] = {
         k: float(np.median(1 / (sizes * v[0] ** 2))) for k, v in noise.items() if not k.endswith("_positions")
     }
-    # the smallest and largest batch size, for the prose
-    lo, hi = str(min(bs)), str(max(bs))
-    metrics["bs_lo"], metrics["bs_hi"] = int(lo), int(hi)
-    for k in cfg.norms:
-        metrics[f"{k}_err_lo"], metrics[f"{k}_err_hi"] = metrics["cnn_error"][k][lo], metrics["cnn_error"][k][hi]
+    metrics["bs_lo"], metrics["bs_hi"] = min(bs), max(bs)
     arrays = {
         "batch_sizes": np.array(bs), "acc": cnn["acc"], "acc_batch_mode": cnn["acc_batch_mode"],
         "epoch_loss": cnn["epoch_loss"], "train_seconds": cnn["seconds"],
@@ -527,6 +531,7 @@ def plot_error_vs_batch(res):
 def plot_statistics_noise(res):
     """Figure: spread of μ_B and σ_B around the population values vs batch size, per layer."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     arr = res.arrays
     m = arr["noise_sizes"].astype(float)
@@ -543,6 +548,9 @@ def plot_statistics_noise(res):
         ref = 1 / np.sqrt(m) if stat == "mu" else 1 / np.sqrt(2 * m)
         ax.plot(m, ref, color="0.35", ls="--", lw=1, label="i.i.d. values, m = N" if stat == "mu" else "i.i.d. Gaussian, m = N")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         _log2_axis(ax, m.astype(int))
         ax.set_title(f"RMS of {symbol}", fontsize=10)
     axes[0].set_ylabel("spread around the population value")
@@ -558,7 +566,7 @@ def plot_train_vs_inference(res):
     arr, norms_ = res.arrays, res.metrics["norms"]
     x = arr["batch_sizes"]
     kinds = [k for k in norms_ if k in BATCH_DEPENDENT]
-    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    fig, ax = plt.subplots(figsize=(9.5, 3.8))
     for kind in kinds:
         i = norms_.index(kind)
         _error_band(ax, x, arr["acc"][i], kind, label=f"{LABELS[kind]}: inference mode (running averages)")
@@ -567,7 +575,7 @@ def plot_train_vs_inference(res):
                 label=f"{LABELS[kind]}: training mode (statistics of N test images)")
     _log2_axis(ax, x)
     ax.set_ylabel("test error (%)")
-    ax.legend(fontsize=7.5)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

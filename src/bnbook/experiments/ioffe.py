@@ -154,6 +154,7 @@ def summarise(
         m[f"eval_time_s_{v}"] = f.eval_time_s
         m[f"model_steps_per_s_{v}"] = f.model_steps_per_s
         m[f"time_per_model_s_{v}"] = f.train_time_s / cfg.seeds
+        m[f"train_loss_final_{v}"] = float(np.nanmean(f.train_loss[-1]))  # mean over the last log interval
         m[f"diverged_{v}"] = [{"seed": s, "step": st} for s, st in f.divergences()]
         m[f"auc_macro_{v}"] = float(np.nanmean(aucs[v]))
         m[f"auc_min_class_{v}"] = int(np.nanargmin(np.nanmean(aucs[v], axis=0))) if np.isfinite(aucs[v]).any() else None
@@ -185,7 +186,7 @@ def summarise(
     )
     m["seed_ratio_min"] = min(ratios) if ratios else None
     m["seed_ratio_max"] = max(ratios) if ratios else None
-    early = int(steps[int(np.abs(steps - steps[-1] / 10).argmin())])
+    early = int(steps[(steps > 0) & (steps >= steps[-1] / 10)][0])  # the first record after 10 % of training
     m["early_step"] = early
     for v in VARIANTS:
         m[f"acc_early_{v}"] = float(np.nanmean(value_at(steps, fits[v].test_acc, early)))
