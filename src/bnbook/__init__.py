@@ -8,7 +8,12 @@ Modules (one responsibility each):
 - :mod:`bnbook.plots`   -- the book's figure style and figure saving
 - :mod:`bnbook.report`  -- tables and inline numbers rendered from result files
 - :mod:`bnbook.data`    -- datasets as device tensors
-- :mod:`bnbook.norms`   -- BatchNorm (and its relatives) written from scratch
+- :mod:`bnbook.norms`   -- BatchNorm and its relatives (LN, GN, WS, Batch Renorm) from scratch
+- :mod:`bnbook.backprop` -- BN's backward pass by hand, the projection P, the speed benchmark
+- :mod:`bnbook.nets`    -- the book's networks (MLPs, small CNNs; several seeds packed in one)
+- :mod:`bnbook.train`   -- the training engine: several same-shape models at once, on the device
+- :mod:`bnbook.bench`   -- the engine benchmark against a plain PyTorch loop
+- :mod:`bnbook.theory`  -- both sides of Santurkar et al.'s theorems, measured on layers
 - :mod:`bnbook.run`     -- the ``bnbook`` command: runs chapters, builds the book
 - :mod:`bnbook.experiments` -- one module per chapter: its config and experiment
 """

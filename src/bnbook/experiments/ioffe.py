@@ -3,9 +3,9 @@
 A 784–100–100–100–10 MLP with sigmoid hidden units is trained with and without BN before
 each sigmoid, batch 60, under ``seeds`` seeds each. The engine (:func:`bnbook.train.fit`)
 records test accuracy and the {15, 50, 85}th percentiles of one last-layer sigmoid's input
-over training; the final models are scored by per-class ROC curves and AUCs. Seed ``i``
-of the two variants shares its data order, so each BN/no-BN pair differs only in BN and in
-the initial weights that BN's absence of biases changes.
+over training; the final models are scored by per-class ROC curves and AUCs. The BN and
+no-BN nets of seed ``i`` start from the same weights and see the same batches, so a pair
+differs only in BN (and in the plain net's hidden biases, which start at zero).
 
 Everything the paper leaves open is a field of :class:`IoffeConfig`, with the choice and
 its reason in the comment.
