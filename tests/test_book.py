@@ -94,4 +94,6 @@ def test_math_is_typeset_in_chromium(smoke_book, tmp_path):
         has_math = "math notranslate" in source
         if has_math:
             assert "<mjx-container" in dom, f"math on {page.name} was not typeset by MathJax"
-        assert "Traceback" not in dom, f"{page.name} shows a Python traceback"
+        assert "Traceback (most recent call last)" not in dom and "output traceback" not in dom, (
+            f"{page.name} shows a Python traceback"
+        )
