@@ -468,6 +468,12 @@ def build(project: Project, *, echo=print) -> Path:
     """Build the HTML with ``jupyter-book build`` (warnings as errors, nitpicky); return index.html."""
     check_publishable(project)
     write_status_page(project)
+    # Sphinx's saved environment does not survive a changed table of contents (a KeyError in
+    # sphinx-external-toc), so a new _toc.yml or _config.yml starts from a clean environment.
+    stamp = project.out / "_build" / ".bnbook-config-digest"
+    digest = tree_digest([project.out / "_toc.yml", project.out / "_config.yml"], project.out)
+    if not stamp.exists() or stamp.read_text() != digest:
+        shutil.rmtree(project.out / "_build" / ".doctrees", ignore_errors=True)
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [
         str(exe) if exe.exists() else "jupyter-book", "build", str(project.book_dir),
@@ -482,6 +488,7 @@ def build(project: Project, *, echo=print) -> Path:
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
         raise BnbookError(f"jupyter-book build failed (full log: {log}):\n{tail}")
+    stamp.write_text(digest)
     index = project.html_dir / "index.html"
     echo(f"[bnbook] HTML written to {index}")
     return index
