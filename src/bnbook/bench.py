@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from bnbook import data, nets, train
+from bnbook.env import num_threads
 from bnbook.errors import BnbookError
 
 
@@ -162,7 +163,7 @@ def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[st
             contenders[f"{name}_all"] = _with_threads(contenders[name], old_threads)
             row_threads[f"{name}_all"] = old_threads
     samples: dict[str, list[float]] = {name: [] for name in contenders}
-    with train.cpu_threads(s.threads if device.type == "cpu" else None):
+    with num_threads(s.threads if device.type == "cpu" else None):
         threads = torch.get_num_threads()
         peak_used = sgemm_gflops(device, s.gemm_size)
         for r in range(s.repeats):
@@ -170,7 +171,7 @@ def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[st
                 samples[name].append(fn(r))
                 if progress:
                     progress(f"repeat {r + 1}/{s.repeats} {name}: {samples[name][-1]:.0f} model-steps/s")
-    with train.cpu_threads(old_threads if device.type == "cpu" else None):
+    with num_threads(old_threads if device.type == "cpu" else None):
         peak_all = sgemm_gflops(device, s.gemm_size)
         threads_all = torch.get_num_threads()
     flops = flops_per_model_step(sizes, s.batch_size)
@@ -216,7 +217,7 @@ def _with_threads(fn: Callable[[int], float], threads: int) -> Callable[[int], f
     """``fn`` run with ``threads`` CPU threads (restored afterwards)."""
 
     def timed(r: int) -> float:
-        with train.cpu_threads(threads):
+        with num_threads(threads):
             return fn(r)
 
     return timed

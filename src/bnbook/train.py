@@ -28,7 +28,6 @@ After ``fit`` the models passed in hold the trained parameters (and BN buffers).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from typing import Callable, Iterator, Mapping, Sequence
@@ -136,8 +135,15 @@ def make_optimizer(params, cfg: FitConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
 
 
-def build_stack(models: Sequence[nn.Module], stack: bool = True) -> StackedMLP | ModuleStack:
-    """One module running all ``models``: a :class:`StackedMLP` when they allow it (and ``stack``), else a loop."""
+def build_stack(models: Sequence[nn.Module], stack: bool = True) -> nn.Module:
+    """One module running all ``models`` with inputs (K, B, ...) -> outputs (K, B, ...).
+
+    A single module that already packs K models (it has an attribute ``k``, like
+    :class:`bnbook.nets.PackedCNN`) is used as it is; same-shape MLPs become a
+    :class:`StackedMLP` (when ``stack``); anything else runs in a loop (:class:`ModuleStack`).
+    """
+    if len(models) == 1 and isinstance(getattr(models[0], "k", None), int):
+        return models[0]
     sigs = {stack_signature(m) for m in models}
     if stack and None not in sigs and len(sigs) == 1:
         return StackedMLP.from_models(models)
@@ -214,7 +220,8 @@ def fit(
     """Train ``models`` on ``data`` as ``cfg`` says and return what was recorded (see the module docstring).
 
     Args:
-        models: K models on ``data``'s device, mapping a batch (B, ...) to logits (B, C).
+        models: K models on ``data``'s device, mapping a batch (B, ...) to logits (B, C);
+            or one module that packs K models (attribute ``k``, inputs (K, B, ...)).
         data: train and test tensors on the device.
         cfg: the training settings.
         seeds: the data-order seed of each model (default 0, 1, ..., K-1).
@@ -223,17 +230,17 @@ def fit(
     models = list(models)
     if not models:
         raise BnbookError("fit needs at least one model")
-    seeds = list(range(len(models))) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != len(models):
-        raise BnbookError(f"fit got {len(models)} models but {len(seeds)} seeds")
     device = data.x_train.device
     for m in models:
         p = next(m.parameters(), None)
         if p is not None and p.device != device:
             raise BnbookError(f"models are on {p.device} but the data is on {device}: move both to one device")
     probes = dict(probes or {})
-    k = len(models)
     stack = build_stack(models, cfg.stack)
+    k = len(models) if stack is not models[0] else stack.k
+    seeds = list(range(k)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != k:
+        raise BnbookError(f"fit trains {k} models but got {len(seeds)} seeds")
     stack.train()
     manual = cfg.manual_backward and isinstance(stack, StackedMLP)
     opt = make_optimizer(stack.parameters(), cfg)
@@ -294,7 +301,8 @@ def fit(
                 break
     _sync(device)
     total = time.perf_counter() - start
-    stack.write_back(models)
+    if stack is not models[0]:  # a packed module was trained in place
+        stack.write_back(models)
 
     steps_t = torch.as_tensor(log_steps, device=device)
     dead = (diverged[None, :] >= 0) & (steps_t[:, None] >= diverged[None, :])  # (L, K)
@@ -321,18 +329,3 @@ def fit(
         stacked=isinstance(stack, StackedMLP),
         device=str(device),
     )
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)`` (``None``: unchanged), restoring the old value after.
-
-    Small GEMMs (a 100-unit MLP at batch 60) run faster on one thread than on two.
-    """
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)

@@ -28,6 +28,7 @@ from torch import Tensor
 from bnbook import backprop as bp
 from bnbook import data, norms
 from bnbook.config import ChapterConfig
+from bnbook.env import num_threads
 from bnbook.errors import BnbookError
 from bnbook.results import Outcome, Result
 
@@ -331,7 +332,7 @@ def _gradchecks(seed: int) -> dict[str, bool]:
 
 def run(cfg: BackpropConfig, device: torch.device) -> Outcome:
     """Run every numerical check of chapter 2 (float64, CPU) and the benchmark (on ``device``)."""
-    with bp.num_threads(cfg.threads or None):
+    with num_threads(cfg.threads or None):
         gen = torch.Generator().manual_seed(cfg.seed)
         ds = data.load(cfg.dataset)  # the checks are tiny float64 problems: they stay on the CPU
         s = _setup(cfg, ds, gen)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from bnbook import data as datasets
 from bnbook import nets, train
 from bnbook.config import ChapterConfig
+from bnbook.env import num_threads
 from bnbook.errors import BnbookError
 from bnbook.results import Outcome
 
@@ -185,40 +186,23 @@ def train_packed(
     momentum: float,
     seeds: Sequence[int],
 ) -> Trained:
-    """Train the K packed models of ``model`` by SGD with momentum, each on its own data order.
+    """Train the K packed models of ``model`` for ``epochs`` epochs by SGD with momentum, with the engine.
 
-    Model k draws its mini-batches from the generator of ``seeds[k]`` (via
-    :func:`bnbook.train.batch_stream`; last partial batch dropped). Losses are kept on the
-    device and read once at the end; a model whose loss turns non-finite is recorded as
-    diverged and cannot disturb the others (the packed groups share no parameters).
+    :func:`bnbook.train.fit` does the work: model k draws its mini-batches from the
+    generator of ``seeds[k]`` (last partial batch dropped), losses stay on the device, and a
+    model whose loss turns non-finite is recorded as diverged and cannot disturb the others
+    (the packed groups share no parameters).
     """
-    n = len(ds.y_train)
-    if batch_size > n:
-        raise BnbookError(f"batch size {batch_size} is larger than the training set ({n} images)")
-    device = ds.x_train.device
-    k = model.k
-    per_epoch = n // batch_size
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, foreach=True)
-    batches = train.batch_stream(seeds, n, batch_size, device)
-    sums = torch.zeros(epochs, k, device=device)
-    model.train()
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        for _ in range(per_epoch):
-            idx = next(batches)
-            losses = train.per_model_loss(model(ds.x_train[idx]), ds.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            opt.step()
-            sums[epoch] += losses.detach()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    epoch_loss = (sums / per_epoch).cpu().numpy()
-    diverged = ~np.isfinite(epoch_loss).all(axis=0)
-    _, acc = train.evaluate(model, ds.x_test, ds.y_test)
-    acc = acc.cpu().numpy()
-    acc[diverged] = np.nan
+    per_epoch = len(ds.y_train) // batch_size
+    if per_epoch < 1:
+        raise BnbookError(f"batch size {batch_size} is larger than the training set ({len(ds.y_train)} images)")
+    cfg = train.FitConfig(steps=epochs * per_epoch, batch_size=batch_size, lr=lr, momentum=momentum,
+                          log_every=per_epoch, stack=False, probe_size=1)
+    res = train.fit([model], ds, cfg, seeds=seeds)
+    epoch_loss = res.train_loss[1:]  # (epochs, K): the record at step 0 has no training loss
+    diverged = res.diverged_step >= 0
+    acc = res.test_acc[-1]  # NaN for a diverged model
+    seconds = res.train_time_s
     return Trained(model, acc, epoch_loss, diverged, seconds)
 
 
@@ -358,7 +342,7 @@ def _seed_band(acc: np.ndarray) -> dict[str, np.ndarray]:
 
 def run(cfg: BatchSizeConfig, device: torch.device) -> Outcome:
     """All four measurements of chapter 5; metrics are test errors in %, times in ms."""
-    with train.cpu_threads(cfg.threads or None):
+    with num_threads(cfg.threads or None):
         return _run(cfg, device)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from bnbook import data, nets, norms, train
 from bnbook.config import ChapterConfig
+from bnbook.env import num_threads
 from bnbook.results import Outcome, Result
 
 VARIANTS = ("no_bn", "bn")
@@ -119,7 +120,7 @@ def run(cfg: IoffeConfig, device: torch.device) -> Outcome:
     fits: dict[str, train.FitResult] = {}
     arrays: dict[str, np.ndarray] = {"roc_fpr": grid}
     aucs: dict[str, np.ndarray] = {}
-    with train.cpu_threads(cfg.threads if device.type == "cpu" else None):
+    with num_threads(cfg.threads if device.type == "cpu" else None):
         for variant in VARIANTS:
             models = make_models(cfg, variant == "bn", ds.input_shape[0], ds.num_classes, device)
             fits[variant] = res = train.fit(models, ds, fit_cfg, seeds=seeds, probes=probe)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from bnbook import data, nets, theory, train
 from bnbook.config import ChapterConfig
-from bnbook.env import seed_everything
+from bnbook.env import num_threads, seed_everything
 from bnbook.errors import BnbookError
 from bnbook.results import Outcome
 
@@ -273,7 +273,7 @@ def train_and_measure(cfg: TheoremsConfig, device: torch.device) -> tuple[dict, 
         seed_everything(cfg.seed)
         model = nets.MLP(in_features, (cfg.width,) * 3, ds.num_classes, "sigmoid", norm=norm, seed=cfg.seed).to(device)
         models[f"{variant}_init"] = [lin.weight.detach().clone() for lin in model.linears]
-        with train.cpu_threads(1 if device.type == "cpu" else None):
+        with num_threads(1 if device.type == "cpu" else None):
             results[variant] = train.fit([model], ds, fit_cfg, seeds=[cfg.seed], probes={"q": probe})
         models[variant] = model
     bn, plain = results["bn"], results["plain"]
@@ -400,7 +400,7 @@ def lemma45_on_network(models: dict, cfg: TheoremsConfig, device: torch.device) 
 def run(cfg: TheoremsConfig, device: torch.device) -> Outcome:
     """All three parts; the metrics and arrays the chapter prints and plots."""
     torch.manual_seed(cfg.seed)
-    with train.cpu_threads(1 if device.type == "cpu" else None):
+    with num_threads(1 if device.type == "cpu" else None):
         inst_metrics, inst_arrays = random_instance_sweep(cfg)
         cx = counterexample(cfg.seed)
     net_metrics, net_arrays, models = train_and_measure(cfg, device)
