@@ -50,6 +50,13 @@ def device_name(device: torch.device) -> str:
     """A human-readable name of ``device``; safe to call on machines without CUDA."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
     return platform.processor() or platform.machine() or "cpu"
 
 

@@ -256,28 +256,30 @@ def status_markdown(project: Project) -> str:
             "chapter": f"[{row['chapter']}](chapters/{row['chapter']}.ipynb)" if row.get("ok") else row["chapter"],
             "status": "ok" if row.get("ok") else ("FAILED" if "ok" in row else "not run"),
             "profile": row.get("profile"),
-            "device": row.get("device_name") and f"{row.get('device')} ({row.get('device_name')})",
+            "device": row.get("device"),
             "seed": row.get("seed"),
             "runtime": row.get("runtime_s"),
-            "date": row.get("finished"),
+            "date": row.get("finished", "")[:16].replace("T", " ") or None,
             "torch": v.get("torch"),
-            "python": v.get("python"),
         })
     table = markdown_table(
         rows,
         {"chapter": "Chapter", "status": "Status", "profile": "Profile", "device": "Device", "seed": "Seed",
-         "runtime": "Run time (s)", "date": "Executed (UTC)", "torch": "torch", "python": "Python"},
+         "runtime": "Run time (s)", "date": "Executed (UTC)", "torch": "torch"},
         {"runtime": ".1f", "seed": "d"},
     )
-    total = sum(r.get("runtime_s") or 0 for r in records_table(project))
+    records = records_table(project)
+    total = sum(r.get("runtime_s") or 0 for r in records)
+    names = sorted({f"{r['device']} ({r['device_name']})" for r in records if "device_name" in r})
+    machine = ", ".join(names) or "none yet"
     return (
         "# Execution status\n\n"
         "Every chapter of this book is a notebook that was re-executed by `bnbook run` "
         "before the HTML was built. This page lists each chapter's last run: the profile "
         "(`smoke`, `quick` or `paper`), the device, the seed, the wall-clock time and the "
-        "main package versions. It is generated from the run records in `book/_records/`.\n\n"
+        "torch version (each chapter's closing run record lists the others). It is generated from the run records in `book/_records/`.\n\n"
         f"{table}\n\n"
-        f"Total execution time: {total:.1f} s. To reproduce a chapter: "
+        f"Total execution time: {total:.1f} s. Machine: {machine}. To reproduce a chapter: "
         "`bnbook run <chapter> --profile <profile> --device <device>`.\n"
     )
 
@@ -427,7 +429,7 @@ def run(
             check_parameters(chapter, notebook_parameters(jupytext.read(chapter.source)), params)
     outcomes = []
     for chapter in chapters:
-        echo(f"[bnbook] {chapter.name}: running ({profile}, {device}, seed {seed}) ...")
+        echo(f"[bnbook] {chapter.name} ({profile}, {device}, seed {seed}) ...")
         outcome = run_chapter(project, chapter, profile=profile, device=device, seed=seed,
                               params=params, force=force)
         echo(f"[bnbook] {chapter.name}: {outcome.status} {outcome.message}")
