@@ -492,6 +492,11 @@ LAYER_NAMES = ("layer 1", "layer 2", "layer 3")
 KIND_MARKERS = {"linear": "o", "cubic": "s", "mlp": "^"}
 
 
+def layer_name(layer: int) -> str:
+    """Display name of BN layer ``layer`` (0-based) in the chapter's figures."""
+    return LAYER_NAMES[layer] if layer < len(LAYER_NAMES) else f"layer {layer + 1}"
+
+
 def plot_instances(a: dict[str, np.ndarray]):
     """Figure: printed and corrected right side of Theorem 4.1 over the true ‖∇_y L̂‖², random instances."""
     import matplotlib.pyplot as plt
@@ -547,7 +552,7 @@ def plot_gradients(a: dict[str, np.ndarray]):
         ax.plot(steps, _layer_sum(a, "plain_grad_sq")[:, layer], ":", color=PALETTE["no_bn"], lw=2,
                 label="net trained without BN: ‖∂L/∂y‖²")
         ax.set_yscale("log")
-        ax.set_title(LAYER_NAMES[layer] if layer < len(LAYER_NAMES) else f"layer {layer + 1}")
+        ax.set_title(layer_name(layer))
         ax.set_xlabel("SGD step")
     np.atleast_1d(axes)[0].set_ylabel("‖gradient‖², sum over units")
     np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
@@ -565,7 +570,7 @@ def plot_terms(a: dict[str, np.ndarray]):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
     for layer in range(n_layers):
         scale = a["bn_scale"][:, layer]
-        name = LAYER_NAMES[layer] if layer < len(LAYER_NAMES) else f"layer {layer + 1}"
+        name = layer_name(layer)
         left.plot(steps, np.median(scale, -1), color=colors[layer], lw=2, label=name)
         left.fill_between(steps, np.quantile(scale, 0.1, -1), np.quantile(scale, 0.9, -1), color=colors[layer], alpha=0.2)
         g = _layer_sum(a, "bn_grad_sq_z")[:, layer]
@@ -608,7 +613,7 @@ def plot_curvature(a: dict[str, np.ndarray]):
         ax.plot(steps, _div(_layer_sum(a, "plain_gHg")[:, layer], _layer_sum(a, "plain_grad_sq")[:, layer]), ":",
                 color=PALETTE["no_bn"], lw=2, label="net trained without BN")
         ax.set_yscale("symlog", linthresh=1e-6)
-        ax.set_title(LAYER_NAMES[layer] if layer < len(LAYER_NAMES) else f"layer {layer + 1}")
+        ax.set_title(layer_name(layer))
         ax.set_xlabel("SGD step")
     np.atleast_1d(axes)[0].set_ylabel("curvature along the gradient")
     np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
