@@ -77,6 +77,34 @@ class Dataset:
             self, x_train=self.x_train.flatten(1), x_test=self.x_test.flatten(1)
         )
 
+    def padded(self, size: int) -> Dataset:
+        """The same images zero-padded (centred) to ``size``×``size`` — e.g. 28×28 Fashion-MNIST for a 32×32 VGG.
+
+        The images are standardised, so the padding value 0 is the training mean.
+        """
+        h, w = self.x_train.shape[-2:]
+        if size < max(h, w):
+            raise DatasetError(f"cannot pad {h}×{w} images to the smaller size {size}")
+        top, left = (size - h) // 2, (size - w) // 2
+        pad = (left, size - w - left, top, size - h - top)
+        f = torch.nn.functional.pad
+        return dataclasses.replace(
+            self, x_train=f(self.x_train, pad), x_test=f(self.x_test, pad),
+            description=f"{self.description}; zero-padded to {size}×{size}",
+        )
+
+    def subset(self, train_size: int, test_size: int, seed: int = 0) -> Dataset:
+        """A fixed random subset (``0``: keep that split whole); which examples depends on ``seed`` only."""
+        gen = torch.Generator().manual_seed(seed)
+        out = {}
+        for split, size in (("train", train_size), ("test", test_size)):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if size and size < len(y):
+                idx = torch.randperm(len(y), generator=gen)[:size].to(y.device)
+                x, y = x[idx], y[idx]
+            out[f"x_{split}"], out[f"y_{split}"] = x, y
+        return dataclasses.replace(self, **out)
+
     def to(self, device: torch.device | str) -> Dataset:
         """The same data on ``device``."""
         return dataclasses.replace(
