@@ -1,5 +1,7 @@
 """bnbook.nets and bnbook.train: the stacked engine against a plain loop, determinism, divergence."""
 
+import copy
+import dataclasses
 import functools
 
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnbook import data, nets, norms, train
+from bnbook import batching, data, nets, norms, train
 from bnbook.errors import BnbookError
 
 
@@ -73,7 +75,7 @@ def test_stacked_and_loop_paths_agree(mnist):
     models_b = [nets.MLP(784, **{**kw, "seed": s}) for s in (0, 1)]
     probe = {"p": train.activation_percentiles()}
     a = train.fit(models_a, mnist, train.FitConfig(steps=40, log_every=20, lr=0.3), probes=probe)
-    b = train.fit(models_b, mnist, train.FitConfig(steps=40, log_every=20, lr=0.3, stack=False), probes=probe)
+    b = train.fit(models_b, mnist, train.FitConfig(steps=40, log_every=20, lr=0.3, stack=False), probes=probe)  # vmap
     assert a.stacked and not b.stacked
     np.testing.assert_allclose(a.test_acc, b.test_acc, atol=2e-3)
     np.testing.assert_allclose(a.test_loss, b.test_loss, rtol=1e-4)
@@ -113,38 +115,44 @@ def test_probe_is_the_percentile_of_the_sigmoid_input(mnist):
     model = nets.MLP(784, init_std=0.1, seed=0)
     res = train.fit([model], mnist, train.FitConfig(steps=1, log_every=1, probe_size=500),
                     probes={"p": train.activation_percentiles(layer=-1, unit=3)})
-    z = model.pre_activations(mnist.x_test[:500])[-1][:, 3]
+    z = model(mnist.x_test[:500], features=True)[1][-1][:, 3]
     expected = torch.quantile(z, torch.tensor([0.15, 0.5, 0.85]))
     np.testing.assert_allclose(res.probes["p"][-1, 0], expected.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_stack_round_trip_and_bn_semantics():
+def test_stacked_batch_binds_views_and_matches_the_models():
     torch.manual_seed(0)
     models = [nets.MLP(20, (8, 8), 3, norm="bn", seed=s) for s in range(3)]
-    stack = nets.StackedMLP.from_models(models)
+    copies = [copy.deepcopy(m) for m in models]
+    stack = batching.batch_models(models)
+    assert isinstance(stack, batching.StackedMLP)
     x = torch.randn(3, 16, 20)
     stack.train()
-    out = stack(x)  # one training step's forward also updates the running averages
-    for k, m in enumerate(models):
-        m.train()
-        torch.testing.assert_close(out[k], m(x[k]), rtol=1e-5, atol=1e-6)
-    fresh = [nets.MLP(20, (8, 8), 3, norm="bn", seed=9) for _ in range(3)]
-    stack.write_back(fresh)
-    for m, f in zip(models, fresh):
-        for (name, a), (_, b) in zip(m.state_dict().items(), f.state_dict().items()):
-            torch.testing.assert_close(a, b, msg=name)
+    out = stack(x)  # one training step's forward also updates the running averages ...
+    for k, c in enumerate(copies):
+        c.train()
+        torch.testing.assert_close(out[k], c(x[k]), rtol=1e-5, atol=1e-6)
+        # ... which the models see at once: their tensors are views into the stack
+        torch.testing.assert_close(models[k].norms[1].running_mean, c.norms[1].running_mean)
     stack.eval()
-    for k, m in enumerate(models):
-        m.eval()
-        torch.testing.assert_close(stack(x)[k], m(x[k]), rtol=1e-5, atol=1e-6)
+    for k, c in enumerate(copies):
+        c.eval()
+        torch.testing.assert_close(stack(x)[k], c(x[k]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stack(x)[k], models[k](x[k]), rtol=1e-5, atol=1e-6)
+    stack.release(models)
+    assert all(p.is_contiguous() for m in models for p in m.parameters())
 
 
-def test_norm_specs_and_stacking_rules():
-    assert nets.stack_signature(nets.MLP(4, (3,), norm="torch-bn")) == nets.stack_signature(nets.MLP(4, (3,), norm="bn"))
+def test_norm_specs_and_batching_rules():
+    sig = batching.stack_signature
+    assert sig(nets.MLP(4, (3,), norm="torch-bn")) == sig(nets.MLP(4, (3,), norm="bn"))
     eps3 = functools.partial(norms.BatchNorm, eps=1e-3)
-    assert nets.stack_signature(nets.MLP(4, (3,), norm=eps3)) != nets.stack_signature(nets.MLP(4, (3,), norm="bn"))
-    assert nets.stack_signature(nets.MLP(4, (3,), norm=nn.LayerNorm)) is None  # runs on the generic path
-    assert isinstance(train.build_stack([nets.MLP(4, (3,), norm=nn.LayerNorm)]), nets.ModuleStack)
+    assert sig(nets.MLP(4, (3,), norm=eps3)) != sig(nets.MLP(4, (3,), norm="bn"))
+    assert sig(nets.MLP(4, (3,), norm=nn.LayerNorm)) is None  # runs on the general path
+    assert isinstance(batching.batch_models([nets.MLP(4, (3,), norm=nn.LayerNorm)]), batching.VmapBatch)
+    assert isinstance(batching.batch_models([nets.MLP(4, (3,))], fast=False), batching.VmapBatch)
+    with pytest.raises(BnbookError, match="one architecture"):
+        batching.batch_models([nets.MLP(4, (3,)), nets.MLP(4, (5,))])
     with pytest.raises(BnbookError, match="unknown norm"):
         nets.MLP(4, (3,), norm="batchnorm")
     with pytest.raises(BnbookError, match="unknown activation"):
@@ -166,27 +174,48 @@ def test_bad_input_is_named(mnist):
         train.FitConfig(optimizer="lbfgs")
     with pytest.raises(BnbookError, match="steps"):
         train.FitConfig(steps=0)
+    with pytest.raises(BnbookError, match="loss"):
+        train.FitConfig(loss="hinge")
+    with pytest.raises(BnbookError, match="augment"):
+        train.FitConfig(augment="mixup")
+    with pytest.raises(BnbookError, match="lr"):
+        train.FitConfig(lr=float("inf"))
     with pytest.raises(BnbookError, match="seeds"):
         train.fit([nets.MLP(784)], mnist, train.FitConfig(steps=1), seeds=[1, 2])
     with pytest.raises(BnbookError, match="batch_size"):
         train.fit([nets.MLP(784)], mnist, train.FitConfig(steps=1, batch_size=10**6))
+    with pytest.raises(BnbookError, match="augment"):
+        train.fit([nets.MLP(784)], mnist, train.FitConfig(steps=1, augment="flip+translate4"))
+    frozen = nets.MLP(784)
+    frozen.requires_grad_(False)
+    with pytest.raises(BnbookError, match="frozen"):
+        train.fit([frozen], mnist, train.FitConfig(steps=1))
+    half = [nets.MLP(784), nets.MLP(784)]
+    half[1].readout.weight.requires_grad_(False)
+    with pytest.raises(BnbookError, match="frozen in some models"):
+        train.fit(half, mnist, train.FitConfig(steps=1))
 
 
 @pytest.mark.parametrize("norm", ["bn", None])
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
 def test_hand_written_backward_equals_autograd(norm, activation):
-    models = [nets.MLP(12, (7, 5), 4, activation, norm=norm, seed=s).double() for s in range(3)]
-    auto, manual = nets.StackedMLP.from_models(models), nets.StackedMLP.from_models(models)
+    def stack():
+        return batching.StackedMLP([nets.MLP(12, (7, 5), 4, activation, norm=norm, seed=s).double() for s in range(3)])
+
+    auto, manual = stack(), stack()
     x = torch.randn(3, 9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 4, (3, 9), generator=torch.Generator().manual_seed(1))
-    loss_auto = train.per_model_loss(auto(x), y)
+    auto.train(), manual.train()
+    logits = auto(x)
+    loss_auto = train.per_model_loss(logits, y)
     loss_auto.sum().backward()
-    loss_manual = manual.loss_and_grad(x, y)
+    loss_manual, correct = manual.loss_and_grad(x, y)
     torch.testing.assert_close(loss_manual, loss_auto.detach(), rtol=1e-12, atol=1e-12)
-    for (name, p), q in zip(auto.named_parameters(), manual.parameters()):
+    assert torch.equal(correct, (logits.argmax(-1) == y).sum(1))
+    for (name, p), (_, q) in zip(auto.named_trainable(), manual.named_trainable()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
-    for (name, a), b in zip(auto.named_buffers(), manual.buffers()):
-        torch.testing.assert_close(b, a, msg=name)  # running averages updated alike
+    for name, a in auto.stacked_buffers.items():
+        torch.testing.assert_close(manual.stacked_buffers[name], a, msg=name)  # running averages updated alike
 
 
 def test_manual_and_autograd_paths_of_fit_agree(mnist):
@@ -197,16 +226,163 @@ def test_manual_and_autograd_paths_of_fit_agree(mnist):
     np.testing.assert_allclose(runs[0].train_loss[1:], runs[1].train_loss[1:], rtol=1e-5)
 
 
-def test_probing_never_touches_running_statistics():
-    models = [nets.MLP(6, (5,), 2, norm="bn", seed=s) for s in range(2)]
-    x = torch.randn(2, 8, 6)
-    for stack in (nets.StackedMLP.from_models(models), nets.ModuleStack(models)):
-        stack.train()
-        before = [b.clone() for b in stack.buffers()]
-        for batch_stats in (True, False):
-            stack.pre_activations(x, batch_stats=batch_stats)
-        assert all(torch.equal(a, b) for a, b in zip(before, stack.buffers()))
-        assert stack.training
+# ---------------------------------------------------------------- the general (vmap) path
+class TinyCNN(nn.Module):
+    """Two conv → BN → ReLU blocks (ours and PyTorch's BN), a linear read-out; ``features`` as the book's nets."""
+
+    def __init__(self, seed: int, width: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1 = nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False)
+        self.n1 = norms.BatchNorm(width)
+        self.c2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
+        self.n2 = nn.BatchNorm2d(2 * width)
+        self.out = nn.Linear(2 * width, 10)
+
+    def forward(self, x, features=False):
+        a = self.n1(self.c1(x))
+        b = self.n2(self.c2(torch.relu(a)))
+        logits = self.out(torch.relu(b).mean((2, 3)))
+        return (logits, [a, b]) if features else logits
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    ds = data.load("mnist5k").subset(256, 128)
+    return dataclasses.replace(ds, x_train=ds.x_train.double(), x_test=ds.x_test.double())
+
+
+HARD = train.FitConfig(steps=12, batch_size=16, lr=0.1, momentum=0.9, weight_decay=1e-3, log_every=4,
+                       augment="flip+translate4", lr_milestones=(6,), eval_train=64)
+
+
+def test_models_trained_together_equal_each_trained_alone(tiny64):
+    together = [TinyCNN(s).double() for s in (0, 1, 2)]
+    alone = [TinyCNN(1).double()]
+    a = train.fit(together, tiny64, HARD, seeds=[0, 1, 2])
+    b = train.fit(alone, tiny64, HARD, seeds=[1])
+    assert not a.stacked
+    for field in ("train_loss", "train_acc", "test_loss", "test_acc", "train_eval_loss"):
+        np.testing.assert_allclose(getattr(a, field)[:, 1], getattr(b, field)[:, 0], rtol=1e-10, atol=1e-12)
+    for name, t in together[1].state_dict().items():
+        torch.testing.assert_close(t, alone[0].state_dict()[name], rtol=1e-10, atol=1e-12, msg=name)
+    np.testing.assert_allclose(a.lr, [0.1, 0.1, 0.01, 0.01])
+
+
+def test_freezing_is_honoured_on_every_path(tiny64, mnist):
+    # open_lth's test style: after training, exactly the trainable tensors changed
+    cnns = [TinyCNN(s).double() for s in (0, 1)]
+    mlps = [nets.MLP(784, norm="bn", seed=s) for s in (0, 1)]
+    for models, ds, cfg in ((cnns, tiny64, HARD), (mlps, mnist, train.FitConfig(steps=20, weight_decay=0.01, momentum=0.9))):
+        for m in models:
+            for name, p in m.named_parameters():
+                p.requires_grad_("norm" in name or name.startswith("n"))  # BN's γ and β only
+        before = [copy.deepcopy(m.state_dict()) for m in models]
+        train.fit(models, ds, cfg)
+        for m, b in zip(models, before):
+            trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+            for name, t in m.state_dict().items():
+                changed = not torch.equal(t, b[name])
+                expected = name in trainable or "running" in name or "num_batches" in name
+                assert changed == expected, name
+
+
+def test_trainable_masks_freeze_single_entries(tiny64):
+    models = [TinyCNN(s).double() for s in (0, 1)]
+    masks = []
+    for k, m in enumerate(models):
+        mask = torch.rand(m.c2.weight.shape, generator=torch.Generator().manual_seed(k)) < 0.1
+        train.set_trainable_mask(m.c2.weight, mask)
+        masks.append(mask)
+    before = [m.c2.weight.detach().clone() for m in models]
+    train.fit(models, tiny64, HARD)
+    for m, b, mask in zip(models, before, masks):
+        w = m.c2.weight.detach()
+        assert torch.equal(w[~mask], b[~mask])  # frozen entries: bit-identical, despite momentum and decay
+        assert (w[mask] != b[mask]).all()
+
+
+def test_no_side_effects_restores_everything():
+    m = TinyCNN(0)
+    m.eval()
+    state = copy.deepcopy(m.state_dict())
+    rng = torch.get_rng_state()
+    with train.no_side_effects(m):
+        m.train()
+        with torch.no_grad():
+            m.c1.weight.mul_(3)
+        m(torch.randn(8, 1, 12, 12)).sum().backward()  # updates running statistics, sets .grad, draws
+    assert not m.training and all(p.grad is None for p in m.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    for name, t in m.state_dict().items():
+        assert torch.equal(t, state[name]), name
+
+
+def test_hooks_see_the_batch_of_the_update_and_change_nothing(tiny64):
+    seen = {}
+
+    def before(ctx):
+        seen[ctx.step] = (ctx.x.clone(), [copy.deepcopy(m.state_dict()) for m in ctx.models])
+        for m in ctx.models:  # a careless measurement: trains on the batch, moves BN statistics
+            m.train()
+            train.model_loss(m, ctx.x[0], ctx.y[0]).backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.sub_(1.0)
+        return torch.stack([train.model_loss(m, ctx.x[k], ctx.y[k]) for k, m in enumerate(ctx.models)]).detach()
+
+    def after(ctx):
+        return {"w": torch.stack([m.c1.weight.detach().flatten()[0] for m in ctx.models])}
+
+    hooked = [TinyCNN(s).double() for s in (0, 1)]
+    plain = [TinyCNN(s).double() for s in (0, 1)]
+    hooks = {"b": train.StepHook(before, every=5), "a": train.StepHook(after, at=(3, 12), when="after")}
+    r = train.fit(hooked, tiny64, HARD, hooks=hooks)
+    p = train.fit(plain, tiny64, HARD)
+    np.testing.assert_array_equal(r.test_loss, p.test_loss)  # hooks left no trace
+    assert r.hooks["b"]["steps"].tolist() == [0, 5, 10] and r.hooks["b"]["values"].shape == (3, 2)
+    assert r.hooks["a"]["steps"].tolist() == [3, 12] and r.hooks["a"]["values"]["w"].shape == (2, 2)
+    np.testing.assert_allclose(r.hooks["a"]["values"]["w"][-1], [m.c1.weight.flatten()[0].item() for m in hooked])
+    # step 0's hook saw the initial weights and the first batch: re-create them from the seeds
+    fresh = TinyCNN(1).double()
+    assert all(torch.equal(t, seen[0][1][1][n]) for n, t in fresh.state_dict().items())
+    gen = torch.Generator().manual_seed(1)
+    idx = train.epoch_batches(gen, len(tiny64.y_train), 16)[0]
+    flips = next(train.augment_stream([1], 16, torch.device("cpu")))[0]
+    np.testing.assert_array_equal(seen[0][0][1], train.flip_translate(tiny64.x_train[idx], flips))
+
+
+def test_flip_translate_moves_pixels_as_stated():
+    x = torch.arange(2 * 1 * 5 * 6, dtype=torch.float64).view(2, 1, 5, 6)
+    p = torch.tensor([[0, 0, 0], [1, 2, -1]])  # image 1: flipped, then shifted 2 px down and 1 px left
+    out = train.flip_translate(x, p, shift=4)
+    assert torch.equal(out[0], x[0])
+    f = x[1, 0].flip(-1)
+    expected = torch.zeros(5, 6, dtype=torch.float64)
+    for r in range(5):
+        for c in range(6):
+            if 0 <= r - 2 < 5 and 0 <= c + 1 < 6:
+                expected[r, c] = f[r - 2, c + 1]
+    assert torch.equal(out[1, 0], expected)
+
+
+def test_regression_loss_and_bf16_autocast(tiny64):
+    torch.manual_seed(0)
+    x = torch.randn(64, 10)
+    a = torch.randn(10, 10)
+    ds = data.Dataset("toy", x, x @ a.T, x[:16], x[:16] @ a.T, (), "linear regression")
+    models = [nn.Sequential(nn.Linear(10, 10, bias=False), nn.BatchNorm1d(10), nn.Linear(10, 10)) for _ in range(2)]
+    cfg = train.FitConfig(steps=40, batch_size=64, lr=1e-2, loss="squared_mean", log_every=20)
+    r = train.fit(models, ds, cfg)
+    assert np.isnan(r.test_acc).all() and np.isnan(r.train_acc).all()
+    assert (r.test_loss[-1] < r.test_loss[0]).all()
+    ref = (models[0].eval()(ds.x_test) - ds.y_test).square().sum(-1).mean().item()
+    assert r.test_loss[-1, 0] == pytest.approx(ref, rel=1e-5)
+    cnns = [TinyCNN(s) for s in (0, 1)]
+    ds32 = dataclasses.replace(tiny64, x_train=tiny64.x_train.float(), x_test=tiny64.x_test.float())
+    r = train.fit(cnns, ds32, dataclasses.replace(HARD, amp="bf16", channels_last=True))
+    assert np.isfinite(r.test_loss).all()
+    assert all(b.dtype == torch.float32 for m in cnns for n, b in m.named_buffers() if "running" in n)
 
 
 # ---------------------------------------------------------------- chapter 3's experiment
@@ -233,7 +409,10 @@ def test_first_step_and_reference_rows():
     assert ioffe._first_step(steps, acc, 0.96) == [20_000, 20_000]
     assert ioffe._first_step(steps, acc, 0.9) == [10_000, 20_000]
     assert ioffe._first_step(steps, acc, 0.99) == [None, None]
-    fits = {v: train.FitResult(steps, acc, acc, acc, {}, np.array([-1, -1]), [0, 1], 1.0, 0.1, True, "cpu")
+    fits = {v: train.FitResult(steps=steps, train_loss=acc, train_acc=acc, test_loss=acc, test_acc=acc,
+                               train_eval_loss=acc, train_eval_acc=acc, lr=np.full(3, 0.1), probes={}, hooks={},
+                               diverged_step=np.array([-1, -1]), seeds=[0, 1], train_time_s=1.0, eval_time_s=0.1,
+                               stacked=True, device="cpu")
             for v in ioffe.VARIANTS}
     rows = ioffe.comparison_rows(steps, fits)
     assert [r["step"] for r in rows] == [10_000, 20_000]  # only the paper's steps this run reached
