@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bnbook import norms
-from bnbook.env import num_threads
+from bnbook.env import num_threads, sync
 from bnbook.errors import BnbookError
 
 
@@ -246,11 +246,6 @@ def jacobian_autograd(x: Tensor, gamma: float = 1.0, beta: float = 0.0, eps: flo
 
 
 # ---------------------------------------------------------------- speed
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_forward_backward(
     bn: Callable[[Tensor, Tensor, Tensor], Tensor],
     shape: Sequence[int],
@@ -274,10 +269,10 @@ def time_forward_backward(
     times = []
     for k in range(warmup + repeats):
         x.grad = gamma.grad = beta.grad = None
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         bn(x, gamma, beta).backward(grad)
-        _sync(device)
+        sync(device)
         if k >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from bnbook import data, nets, train
-from bnbook.env import num_threads
+from bnbook.env import num_threads, sync
 from bnbook.errors import BnbookError
 
 
@@ -72,18 +72,14 @@ def sgemm_gflops(device: torch.device, n: int = 1024, repeats: int = 5) -> float
     inner = max(1, (2048 // n) ** 3) * (20 if device.type == "cuda" else 1)
     best = float("inf")
     for _ in range(repeats + 1):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(inner):
             torch.mm(a, b)
-        _sync(device)
+        sync(device)
         best = min(best, (time.perf_counter() - t0) / inner)
     return 2 * n**3 / best / 1e9
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def tutorial_mlp(s: BenchSettings, in_features: int, num_classes: int, seed: int) -> nn.Sequential:
@@ -111,7 +107,7 @@ def time_tutorial(s: BenchSettings, ds: data.Dataset, device: torch.device, seed
     while done < total:
         for x, y in loader:
             if done == s.warmup:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
             x, y = x.to(device), y.to(device)
             loss = loss_fn(model(x), y)
@@ -122,7 +118,7 @@ def time_tutorial(s: BenchSettings, ds: data.Dataset, device: torch.device, seed
             done += 1
             if done == total:
                 break
-    _sync(device)
+    sync(device)
     return s.steps / (time.perf_counter() - t0)
 
 

@@ -100,3 +100,9 @@ def seed_everything(seed: int) -> None:
 
     torch.manual_seed(seed)
     numpy.random.seed(seed % 2**32)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU. Called only at timing points."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

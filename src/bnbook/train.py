@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from bnbook.batching import ModelBatch, batch_models, set_trainable_mask, trainable_mask  # noqa: F401 (re-exported)
 from bnbook.data import Dataset
+from bnbook.env import sync
 from bnbook.errors import BnbookError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -340,11 +341,6 @@ def flip_translate(x: Tensor, params: Tensor, shift: int = 4) -> Tensor:
     cols = (shift - p[:, 2, None] + torch.arange(w, device=x.device)).view(-1, 1, 1, w).expand(-1, c, h, w)
     return x.gather(3, cols).reshape(*lead, c, h, w)
 
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA); a no-op on the CPU. Only at timing points."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_optimizer(

@@ -186,8 +186,8 @@ def counterexample(seed: int, m: int = 16, gamma: float = 1.7) -> dict[str, floa
 def _bn_probe(batches: list[tuple[Tensor, Tensor]]) -> train.Probe:
     """Probe of :func:`bnbook.train.fit`: the BN quantities, (1, Q, layers, units), averaged over ``batches``."""
 
-    def probe(stack: torch.nn.Module, _x: Tensor) -> Tensor:
-        model = stack.models[0]
+    def probe(models: list[torch.nn.Module], _x: Tensor) -> Tensor:
+        model = models[0]
         seq = theory.as_sequential(model)
         per_batch = []
         with torch.enable_grad():
@@ -233,8 +233,8 @@ def _bn_probe(batches: list[tuple[Tensor, Tensor]]) -> train.Probe:
 def _plain_probe(batches: list[tuple[Tensor, Tensor]]) -> train.Probe:
     """Probe: the network without BN's per-unit ‖∂L/∂y‖² and gᵀHg, (1, 2, layers, units)."""
 
-    def probe(stack: torch.nn.Module, _x: Tensor) -> Tensor:
-        seq = theory.as_sequential(stack.models[0])
+    def probe(models: list[torch.nn.Module], _x: Tensor) -> Tensor:
+        seq = theory.as_sequential(models[0])
         per_batch = []
         with torch.enable_grad():
             for x, labels in batches:
@@ -265,7 +265,6 @@ def train_and_measure(cfg: TheoremsConfig, device: torch.device) -> tuple[dict, 
         lr=cfg.lr,
         log_every=max(1, cfg.steps // cfg.checkpoints),
         probe_size=cfg.batch_size,  # the engine's probe batch is unused: our probes bring their own
-        stack=False,  # the probes need the plain MLP objects, which a ModuleStack keeps
     )
     in_features = math.prod(ds.input_shape)
     results, models = {}, {}
