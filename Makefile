@@ -10,6 +10,7 @@ DEVICE  ?= auto
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.bnbook-installed
 DEBIAN_PACKAGES := chromium dataset-fashion-mnist
+GLASS_RDA := data/glass/Glass.rda
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: book test setup debian clean-book help lock
@@ -26,7 +27,7 @@ book: setup
 test: setup
 	$(BIN)/python -m pytest
 
-setup: $(STAMP) debian
+setup: $(STAMP) debian $(GLASS_RDA)
 
 # The environment is rebuilt when the lock file or pyproject.toml changes.
 $(STAMP): requirements.lock pyproject.toml
@@ -42,6 +43,17 @@ debian:
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+
+# The UCI Glass data (chapter 3b) is R data in the Debian package r-cran-mlbench. Installing that
+# package would pull in R itself, so only its .deb (1 MB, verified by apt) is downloaded and the one
+# file extracted; bnbook reads it with the Python package rdata.
+$(GLASS_RDA):
+	@echo "extracting Glass.rda from the Debian package r-cran-mlbench"
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cd "$$tmp" && \
+	  { apt-get download r-cran-mlbench >/dev/null 2>&1 || \
+	    { $(SUDO) apt-get update -qq && apt-get download r-cran-mlbench; }; } && \
+	  dpkg-deb -x r-cran-mlbench_*.deb pkg && \
+	  install -D -m 644 pkg/usr/lib/R/site-library/mlbench/data/Glass.rda "$(CURDIR)/$@"
 
 clean-book:
 	rm -rf _build book/chapters book/_records book/status.md
