@@ -9,6 +9,11 @@ weights the new batch, the running variance stores the unbiased batch variance, 
 
 For 4-D inputs (N, C, H, W) the statistics are per channel over N, H and W, so the
 effective batch is m = N·H·W (§3.2 of the paper).
+
+Mixed precision: under ``torch.autocast`` a convolution hands its norm a bfloat16 (or
+float16) tensor. Every normaliser here then computes its statistics in float32, keeps its
+parameters and running buffers in their own dtype (float32), and returns the input's
+dtype — what ``torch.nn.BatchNorm2d`` does (:func:`compute_dtype`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,14 @@ from typing import Iterable
 
 import torch
 from torch import Tensor, nn
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a normaliser computes ``x``'s statistics in: float32 for half/bfloat16 inputs, else x's own."""
+    return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
 
 
 def reduce_dims(x: Tensor) -> list[int]:
@@ -135,6 +148,7 @@ class BatchNorm(nn.Module):
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} features in dim 1, got {x.shape[1]}")
         use_batch_stats = self.training or not self.track_running_stats
+        xc = x.to(compute_dtype(x))  # float32 statistics under autocast; a no-op otherwise
         if not use_batch_stats:
             a, b = inference_affine(
                 self.running_mean,
@@ -143,15 +157,16 @@ class BatchNorm(nn.Module):
                 self.bias if self.affine else torch.zeros_like(self.running_mean),
                 self.eps,
             )
-            return x * _per_channel(a, x) + _per_channel(b, x)
-        y = batch_norm(x, self.weight, self.bias, self.eps)
+            return (xc * _per_channel(a, xc) + _per_channel(b, xc)).to(x.dtype)
+        y = batch_norm(xc, self.weight, self.bias, self.eps)
         if self.training and self.track_running_stats:
-            self._update_running_stats(x)
-        return y
+            self._update_running_stats(xc)
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, x: Tensor) -> None:
         mean, var, m = batch_stats(x.detach())
+        mean, var = mean.to(self.running_mean.dtype), var.to(self.running_var.dtype)
         self.num_batches_tracked.add_(1)
         # momentum weights the *new* batch; None means the cumulative average 1/k.
         # (kept as a tensor so that a CUDA step never waits on the host)
@@ -251,7 +266,7 @@ class GroupNorm(nn.Module):
         """Normalise each sample's channel groups with their own mean and variance."""
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"expected {self.num_channels} channels in dim 1, got shape {tuple(x.shape)}")
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return group_norm(x.to(compute_dtype(x)), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
@@ -297,12 +312,13 @@ class LayerNorm(nn.Module):
                 f"LayerNorm: input's trailing shape {tuple(x.shape[-k:])} is not {self.normalized_shape}"
             )
         dims = list(range(x.dim() - k, x.dim()))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, correction=0, keepdim=True)
-        y = (x - mean) / torch.sqrt(var + self.eps)
+        xc = x.to(compute_dtype(x))
+        mean = xc.mean(dim=dims, keepdim=True)
+        var = xc.var(dim=dims, correction=0, keepdim=True)
+        y = (xc - mean) / torch.sqrt(var + self.eps)
         if self.elementwise_affine:
             y = y * self.weight + self.bias
-        return y
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -428,6 +444,7 @@ class BatchRenorm(nn.Module):
         """Training: Algorithm 1 of Ioffe (2017); evaluation: the moving-statistics affine map."""
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} features in dim 1, got shape {tuple(x.shape)}")
+        out_dtype, x = x.dtype, x.to(compute_dtype(x))
         if not self.training:
             x_hat = (x - _per_channel(self.running_mean, x)) / _per_channel(self.running_std, x)
         else:
@@ -440,15 +457,218 @@ class BatchRenorm(nn.Module):
                 r = (std / self.running_std).clamp(1 / r_max, r_max)
                 d = ((mean - self.running_mean) / self.running_std).clamp(-d_max, d_max)
                 self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_std.lerp_(std, self.momentum)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_std.lerp_(std.to(self.running_std.dtype), self.momentum)
             x_hat = (x - _per_channel(mean, x)) / _per_channel(std, x) * _per_channel(r, x) + _per_channel(d, x)
         if self.affine:
             x_hat = x_hat * _per_channel(self.weight, x) + _per_channel(self.bias, x)
-        return x_hat
+        return x_hat.to(out_dtype)
+
+    def reset_running_stats(self) -> None:
+        """Moving mean 0, moving standard deviation 1, no batches seen (the schedule starts again)."""
+        self.running_mean.zero_()
+        self.running_std.fill_(1.0)
+        self.num_batches_tracked.zero_()
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, rmax={self.rmax}, "
             f"dmax={self.dmax}, schedule=({self.warmup_steps}, {self.rmax_steps}, {self.dmax_steps})"
         )
+
+
+# =====================================================================================
+# Santurkar et al. (2018), chapters 6 and 7: BN with noise injected after it (§2.1,
+# Appendix A.2.1, Algorithm 1), and BN's "ℓp" relatives that divide by an ℓp average
+# instead of the standard deviation (§3.3).
+# =====================================================================================
+
+
+class ShiftScaleNoise(nn.Module):
+    """The noise of Santurkar et al.'s Algorithm 1: a ← s·a + m, drawn afresh at every training step.
+
+    At each training-mode forward pass ("time step t"), for each unit (channel) j:
+    μ_t ~ U(−n_μ, n_μ) and σ_t ~ U(1, n_σ). Then, for each sample i and unit j:
+    m ~ U(μ_t − r_μ, μ_t + r_μ) and s ~ N(σ_t, r_σ), and the activation becomes s·a + m.
+    So each unit's activations are shifted by about μ_t and scaled by about σ_t, a
+    distortion that changes from step to step (the "internal covariate shift" the
+    experiment injects on purpose). Evaluation mode returns the input unchanged.
+
+    Our readings of what the algorithm leaves open:
+
+    - **N(σ_t, r_σ)**: r_σ is the *standard deviation* (the ``(mean, std)`` convention
+      of ``torch.normal``/``numpy.random.normal``, and the counterpart of r_μ, which is a
+      half-width in the same units as the activation).
+    - **"for each sample i" in a convolutional layer**: the paper says height and width
+      count as batch dimensions, so a "sample" is one position (i, h, w) and m, s are drawn
+      independently per sample, channel *and* position (``per_position=True``). With
+      ``per_position=False`` one (m, s) per sample and channel is shared by all positions.
+    - **"at each time step"**: one draw of μ_t, σ_t per training-mode forward pass; the
+      engine runs one per step, so a probe that runs extra forward passes in training
+      mode draws extra noise.
+
+    Draws use PyTorch's global random number generator (so ``torch.manual_seed`` and
+    the engine's per-model randomness control them).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        n_mu: float = 0.5,
+        n_sigma: float = 1.25,
+        r_mu: float = 0.1,
+        r_sigma: float = 0.1,
+        per_position: bool = True,
+    ) -> None:
+        super().__init__()
+        if not (n_mu >= 0 and n_sigma >= 1 and r_mu >= 0 and r_sigma >= 0):
+            raise ValueError(f"noise constants need n_mu, r_mu, r_sigma >= 0 and n_sigma >= 1, got {n_mu, n_sigma, r_mu, r_sigma}")
+        self.num_features = num_features
+        self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = float(n_mu), float(n_sigma), float(r_mu), float(r_sigma)
+        self.per_position = per_position
+
+    def sample(self, shape: torch.Size | tuple[int, ...], device=None, dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One step's draws for activations of ``shape`` (N, C, ...): (s, m, μ_t, σ_t).
+
+        s and m broadcast against the activations; μ_t and σ_t have shape (C,).
+        """
+        if len(shape) < 2 or shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} features in dim 1, got shape {tuple(shape)}")
+        c = shape[1]
+        kw = {"device": device, "dtype": dtype}
+        mu_t = (torch.rand(c, **kw) * 2 - 1) * self.n_mu  # U(−n_μ, n_μ), per unit
+        sigma_t = 1 + torch.rand(c, **kw) * (self.n_sigma - 1)  # U(1, n_σ), per unit
+        draw_shape = tuple(shape) if self.per_position else (*shape[:2], *([1] * (len(shape) - 2)))
+        mu, sigma = mu_t.reshape(1, c, *([1] * (len(shape) - 2))), sigma_t.reshape(1, c, *([1] * (len(shape) - 2)))
+        m = mu + (torch.rand(draw_shape, **kw) * 2 - 1) * self.r_mu  # U(μ_t − r_μ, μ_t + r_μ)
+        s = sigma + torch.randn(draw_shape, **kw) * self.r_sigma  # N(σ_t, r_σ²): r_σ is the std
+        return s, m, mu_t, sigma_t
+
+    def forward(self, a: Tensor) -> Tensor:
+        """s·a + m with this step's draws in training mode; ``a`` itself in evaluation mode."""
+        if not self.training:
+            return a
+        s, m, _, _ = self.sample(a.shape, a.device, compute_dtype(a))
+        return (s * a + m).to(a.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, n_mu={self.n_mu}, n_sigma={self.n_sigma}, r_mu={self.r_mu}, "
+            f"r_sigma={self.r_sigma}, per_position={self.per_position}"
+        )
+
+
+class NoisyBatchNorm(nn.Module):
+    """Santurkar et al.'s "noisy BN": our :class:`BatchNorm`, then :class:`ShiftScaleNoise` (Algorithm 1).
+
+    The noise acts after BN's γ, β ("random noise added after each BN layer"); the
+    running statistics are BN's own, of the clean input. Keyword arguments other than
+    ``eps`` and ``momentum`` go to :class:`ShiftScaleNoise`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, **noise: float | bool) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.bn = BatchNorm(num_features, eps=eps, momentum=momentum)
+        self.noise = ShiftScaleNoise(num_features, **noise)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """BN(x), distorted by this step's noise in training mode."""
+        return self.noise(self.bn(x))
+
+
+class LpBatchNorm(nn.Module):
+    """BN with the standard deviation replaced by an ℓp average (Santurkar et al. 2018, §3.3).
+
+    The paper states the method in words only ("normalise by the average of their ℓp
+    norm (before shifting the mean)", keeping BN's centring). Our formula, per channel c
+    over the batch set S (N, or N·H·W for feature maps, m = |S| values):
+
+        x̂ = (x − μ_B) / (s_p + ε),   μ_B = (1/m) Σ_S x,
+        s_p = ((1/m) Σ_S |v|^p)^(1/p) for p < ∞,   s_∞ = max_S |v|,
+
+    then y = γ·x̂ + β. The ℓp "average" is the ℓp norm of the m values divided by
+    m^(1/p) (a power mean): ℓ1 is the mean absolute value, ℓ2 the root mean square.
+    ``v`` is the **raw** activation x by default — our reading of "before shifting the
+    mean": the norm is taken before the batch mean is subtracted, so ℓ2 is
+    √(σ²_B + μ²_B) and differs from BN. With ``centred=True``, v = x − μ_B, and then ℓ2
+    with ε = 0 is exactly BN with ε = 0 (a test checks it). ε is added to s_p (not under
+    a root as in BN).
+
+    Running averages of μ_B and s_p (``running_mean``, ``running_scale``; ``momentum``
+    weights the new batch, as in BN) replace them in evaluation mode:
+    x̂ = (x − running_mean) / (running_scale + ε).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        p: float = 2.0,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        centred: bool = False,
+        affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not p >= 1:
+            raise ValueError(f"LpBatchNorm needs p >= 1 (or inf), got {p!r}")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"LpBatchNorm momentum must be in (0, 1], got {momentum}")
+        kw = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.p = float(p)
+        self.eps = _check_eps(eps)
+        self.momentum = momentum
+        self.centred = centred
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **kw))  # γ
+            self.bias = nn.Parameter(torch.zeros(num_features, **kw))  # β
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_scale", torch.ones(num_features, **kw))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running scale 1, no batches seen."""
+        self.running_mean.zero_()
+        self.running_scale.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def batch_scale(self, x: Tensor, mean: Tensor) -> Tensor:
+        """s_p of the batch ``x`` per channel (its mean ``mean`` (C,) is used when ``centred``)."""
+        dims = reduce_dims(x)
+        v = (x - _per_channel(mean, x)) if self.centred else x
+        if self.p == float("inf"):
+            return v.abs().amax(dim=dims)
+        if self.p == 1:
+            return v.abs().mean(dim=dims)
+        if self.p == 2:
+            return v.square().mean(dim=dims).sqrt()
+        return v.abs().pow(self.p).mean(dim=dims).pow(1 / self.p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Batch μ_B and s_p in training mode (updating the running averages), running ones in evaluation."""
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} features in dim 1, got shape {tuple(x.shape)}")
+        out_dtype, x = x.dtype, x.to(compute_dtype(x))
+        if self.training:
+            mean = x.mean(dim=reduce_dims(x))
+            scale = self.batch_scale(x, mean)
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                self.running_scale.lerp_(scale.detach().to(self.running_scale.dtype), self.momentum)
+        else:
+            mean, scale = self.running_mean, self.running_scale
+        x_hat = (x - _per_channel(mean, x)) / _per_channel(scale + self.eps, x)
+        if self.affine:
+            x_hat = x_hat * _per_channel(self.weight, x) + _per_channel(self.bias, x)
+        return x_hat.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, p={self.p}, eps={self.eps}, momentum={self.momentum}, centred={self.centred}"
