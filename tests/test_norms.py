@@ -125,3 +125,33 @@ def test_inference_affine_equals_eval_mode():
     a, b = inference_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
     x = torch.randn(6, 4, dtype=torch.float64)
     torch.testing.assert_close(bn(x), x * a + b, **TOL)
+
+
+# ------------------------------------------------------------------ mixed precision (bf16 autocast)
+def test_bf16_autocast_matches_torch_and_keeps_fp32_buffers():
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    ours, ref = BatchNorm(4), torch.nn.BatchNorm2d(4)
+    x = torch.randn(8, 3, 6, 6) * 2 + 1
+    for step in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = conv(x + step)
+            assert h.dtype == torch.bfloat16  # what a conv hands its norm under autocast
+            y_ours, y_ref = ours(h), ref(h)
+        assert y_ours.dtype == y_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y_ours.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    for name in ("running_mean", "running_var"):
+        assert getattr(ours, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-5, atol=1e-5)
+    ours.eval(), ref.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        torch.testing.assert_close(ours(h).float(), ref(h).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_gradients_reach_fp32_parameters():
+    ours = BatchNorm(4)
+    x = torch.randn(16, 4, dtype=torch.bfloat16, requires_grad=True)
+    ours(x).float().square().sum().backward()
+    assert ours.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert torch.isfinite(ours.weight.grad).all() and torch.isfinite(x.grad.float()).all()

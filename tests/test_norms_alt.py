@@ -221,3 +221,145 @@ def test_batch_renorm_rejects_bad_limits_and_single_values() -> None:
 def test_batch_renorm_state_dict_has_its_buffers() -> None:
     keys = set(norms.BatchRenorm(4).state_dict())
     assert keys == {"weight", "bias", "running_mean", "running_std", "num_batches_tracked"}
+
+
+# ------------------------------------------------------------------ mixed precision
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: norms.GroupNorm(2, 4),
+        lambda: norms.BatchRenorm(4, rmax=2.0, dmax=1.0),
+        lambda: norms.LpBatchNorm(4, p=1.0),
+        lambda: norms.LpBatchNorm(4, p=float("inf")),
+        lambda: norms.NoisyBatchNorm(4),
+    ],
+)
+def test_bf16_input_gives_bf16_output_and_fp32_buffers(make) -> None:
+    layer = make()
+    x = torch.randn(6, 4, 3, 3) * 3 + 1
+    ref = layer(x) if not isinstance(layer, norms.NoisyBatchNorm) else None
+    layer = make()
+    torch.manual_seed(0)
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert all(b.dtype in (torch.float32, torch.long) for b in layer.buffers())
+    if ref is not None:  # the same numbers as in float32, up to bf16 rounding of the input and output
+        torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
+    layer.eval()
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ Santurkar et al.'s noisy BN (Algorithm 1)
+def test_noise_parameters_follow_algorithm_1() -> None:
+    torch.manual_seed(0)
+    noise = norms.ShiftScaleNoise(400)  # n_μ = 0.5, n_σ = 1.25, r_μ = r_σ = 0.1
+    s, m, mu_t, sigma_t = noise.sample((2000, 400), dtype=torch.float64)
+    # per unit and step: μ_t ~ U(−0.5, 0.5), σ_t ~ U(1, 1.25), spread over the whole range
+    assert mu_t.abs().max() <= 0.5 and mu_t.min() < -0.45 and mu_t.max() > 0.45
+    assert sigma_t.min() >= 1 and sigma_t.max() <= 1.25 and sigma_t.min() < 1.02 and sigma_t.max() > 1.23
+    # per sample: m ~ U(μ_t ± 0.1) around its unit's μ_t; s ~ N(σ_t, 0.1) with 0.1 the standard deviation
+    assert ((m - mu_t).abs() <= 0.1).all() and (m - mu_t).abs().max() > 0.099
+    torch.testing.assert_close(m.mean(0), mu_t, atol=0.01, rtol=0)
+    torch.testing.assert_close(s.mean(0), sigma_t, atol=0.012, rtol=0)
+    assert abs(float((s - sigma_t).std()) - 0.1) < 0.002  # not √0.1 ≈ 0.32 (the variance reading)
+    assert abs(float((m - mu_t).std()) - 0.2 / 12**0.5) < 0.002  # uniform on a width of 0.2
+
+
+def test_noise_is_drawn_per_sample_and_per_position_and_redrawn_every_step() -> None:
+    torch.manual_seed(1)
+    noise = norms.ShiftScaleNoise(3)
+    zeros = torch.zeros(4, 3, 5, 5, dtype=torch.float64)
+    m1, m2 = noise(zeros), noise(zeros)  # a = 0: the output is the shift m
+    assert m1.shape == zeros.shape
+    assert (m1[0, :, 0, 0] != m1[1, :, 0, 0]).all() and (m1[0, :, 0, 0] != m1[0, :, 2, 3]).all()
+    # H and W count as batch dimensions: one μ_t per channel, so each channel's values lie in a 2·r_μ window
+    spread = m1.amax(dim=(0, 2, 3)) - m1.amin(dim=(0, 2, 3))
+    assert (spread <= 0.2).all()
+    assert not torch.allclose(m1.mean(dim=(0, 2, 3)), m2.mean(dim=(0, 2, 3)), atol=0.05)  # a new μ_t at each step
+    shared = norms.ShiftScaleNoise(3, per_position=False)(zeros)
+    assert torch.equal(shared, shared[:, :, :1, :1].expand_as(shared)) and (shared[0, :, 0, 0] != shared[1, :, 0, 0]).all()
+
+
+def test_noise_scales_then_shifts_and_is_off_in_eval_mode() -> None:
+    noise = norms.ShiftScaleNoise(2)
+    a = torch.randn(7, 2, 3, 3, dtype=torch.float64)
+    torch.manual_seed(5)
+    s, m, _, _ = noise.sample(a.shape, dtype=torch.float64)
+    torch.manual_seed(5)
+    torch.testing.assert_close(noise(a), s * a + m)
+    noise.eval()
+    assert torch.equal(noise(a), a)
+
+
+def test_noisy_batch_norm_is_bn_then_noise_and_plain_bn_in_eval_mode() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(16, 3, 4, 4) * 2 + 1
+    noisy, bn = norms.NoisyBatchNorm(3, momentum=0.3), norms.BatchNorm(3, momentum=0.3)
+    with torch.no_grad():
+        for layer in (noisy.bn, bn):
+            layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    y_bn = bn(x)
+    torch.manual_seed(9)
+    s, m, _, _ = noisy.noise.sample(x.shape)
+    torch.manual_seed(9)
+    torch.testing.assert_close(noisy(x), s * y_bn + m)
+    torch.testing.assert_close(noisy.bn.running_mean, bn.running_mean)  # statistics of the clean input
+    noisy.eval(), bn.eval()
+    torch.testing.assert_close(noisy(x), bn(x))
+
+
+# ------------------------------------------------------------------ ℓp batch normalisation (Santurkar §3.3)
+def _lp_direct(x: torch.Tensor, p: float, centred: bool, eps: float) -> torch.Tensor:
+    """The formula written out channel by channel: (x − mean) / (power mean of |v|^p + ε)."""
+    out = torch.empty_like(x)
+    for c in range(x.shape[1]):
+        vals = x[:, c].reshape(-1)
+        mean = vals.sum() / len(vals)
+        v = vals - mean if centred else vals
+        if p == float("inf"):
+            scale = max(abs(float(t)) for t in v)
+        else:
+            scale = (sum(abs(float(t)) ** p for t in v) / len(v)) ** (1 / p)
+        out[:, c] = (x[:, c] - mean) / (scale + eps)
+    return out
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, float("inf"), 3.0])
+@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize("shape", [(9, 3), (4, 2, 3, 3)])
+def test_lp_norm_matches_its_formula(p, centred, shape) -> None:
+    gen = torch.Generator().manual_seed(int(p) if p != float("inf") else 7)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.7
+    layer = norms.LpBatchNorm(shape[1], p=p, centred=centred, eps=1e-3, affine=False).double()
+    torch.testing.assert_close(layer(x), _lp_direct(x, p, centred, 1e-3))
+
+
+def test_l2_norm_of_centred_activations_is_batch_norm() -> None:
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True) * 3 + 2
+    lp = norms.LpBatchNorm(3, p=2.0, centred=True, eps=0.0).double()
+    bn = norms.BatchNorm(3, eps=0.0).double()
+    for layer in (lp, bn):
+        _randomise_affine(layer, torch.Generator().manual_seed(8))
+    g = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    y_lp, y_bn = lp(x), bn(x)
+    torch.testing.assert_close(y_lp, y_bn)
+    torch.testing.assert_close(torch.autograd.grad(y_lp, x, g)[0], torch.autograd.grad(y_bn, x, g)[0])
+    raw = norms.LpBatchNorm(3, p=2.0, eps=0.0).double()  # the default: the norm of the raw activations
+    assert not torch.allclose(raw(x), norms.batch_norm(x, eps=0.0))
+
+
+def test_lp_norm_running_statistics_and_eval_mode() -> None:
+    layer = norms.LpBatchNorm(2, p=1.0, momentum=0.25, eps=0.0, affine=False).double()
+    x = torch.randn(10, 2, dtype=torch.float64) * 2 + 3
+    layer(x)
+    torch.testing.assert_close(layer.running_mean, 0.25 * x.mean(0))
+    torch.testing.assert_close(layer.running_scale, 0.75 + 0.25 * x.abs().mean(0))
+    assert int(layer.num_batches_tracked) == 1
+    layer.eval()
+    x2 = torch.randn(4, 2, dtype=torch.float64)
+    torch.testing.assert_close(layer(x2), (x2 - layer.running_mean) / layer.running_scale)
+    torch.testing.assert_close(layer.running_mean, 0.25 * x.mean(0))  # evaluation never updates
+    assert torch.autograd.gradcheck(norms.LpBatchNorm(2, p=1.0).double().train(), (x.clone().requires_grad_(),))
+    with pytest.raises(ValueError, match="p >= 1"):
+        norms.LpBatchNorm(2, p=0.5)
