@@ -463,7 +463,7 @@ def fit(
             batch.train()
         for name, probe in probes.items():
             with no_side_effects(models):
-                rec_probes[name].append(torch.as_tensor(probe(models, probe_x)).float())
+                rec_probes[name].append(torch.as_tensor(probe(models, probe_x)).detach().float())
         sync(device)
         eval_time += time.perf_counter() - t0
 
