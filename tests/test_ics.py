@@ -89,7 +89,7 @@ def test_g_prime_moves_earlier_biases_and_bn_parameters_but_not_the_layers_own()
             bn.bias.uniform_(-0.5, 0.5)
     x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
     lr = 0.3
-    groups = ics.layer_groups(net)
+    groups = ics.layer_groups(net, x)
     assert groups == [["l1.weight", "l1.bias", "bn1.weight", "bn1.bias"], ["l2.weight", "l2.bias", "bn2.weight", "bn2.bias"],
                       ["out.weight", "out.bias"]]
     ref = copy.deepcopy(net)
@@ -119,11 +119,38 @@ def test_frozen_tensors_belong_to_no_layer_and_never_move():
     net = Features()
     net.bn1.weight.requires_grad_(False)
     net.l2.weight.requires_grad_(False)
-    groups = ics.layer_groups(net)
+    x = torch.randn(4, 6)
+    groups = ics.layer_groups(net, x)
     assert groups == [["l1.weight", "l1.bias", "bn1.bias", "l2.bias", "bn2.weight", "bn2.bias"], ["out.weight", "out.bias"]]
-    assert ics.layer_weights(net) == ["l1.weight", "out.weight"]
+    assert ics.layer_weights(net, x) == ["l1.weight", "out.weight"]
     with pytest.raises(BnbookError, match="no trainable weight"):
-        ics.layer_groups(nn.Sequential(nn.BatchNorm1d(3)))
+        ics.layer_groups(nn.Sequential(nn.BatchNorm1d(3)), torch.randn(4, 3))
+
+
+class OutOfOrder(nn.Module):
+    """Registers all its linears, then all its norms (as the book's VGG and DLN do), and uses them interleaved."""
+
+    def __init__(self):
+        super().__init__()
+        self.linears = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+        self.norms = nn.ModuleList([nn.BatchNorm1d(3), nn.BatchNorm1d(3)])
+        self.readout = nn.Linear(3, 2)
+
+    def forward(self, x):
+        for lin, bn in zip(self.linears, self.norms):
+            x = torch.relu(bn(lin(x)))
+        return self.readout(x)
+
+
+def test_layers_follow_the_forward_pass_not_the_registration_order():
+    net = OutOfOrder()
+    assert [n for n, _ in net.named_parameters()][:4] == ["linears.0.weight", "linears.0.bias", "linears.1.weight",
+                                                          "linears.1.bias"]
+    assert ics.layer_groups(net, torch.randn(5, 3)) == [
+        ["linears.0.weight", "linears.0.bias", "norms.0.weight", "norms.0.bias"],
+        ["linears.1.weight", "linears.1.bias", "norms.1.weight", "norms.1.bias"],
+        ["readout.weight", "readout.bias"],
+    ]
 
 
 def test_measurements_have_no_side_effects():
@@ -231,3 +258,46 @@ def test_scaled_layer_keeps_the_relative_depth():
     assert ics.scaled_layer(9, 25, 25) == 9
     with pytest.raises(BnbookError):
         ics.scaled_layer(14, 13, 8)
+
+
+# ---------------------------------------------------------------- the book's nets
+def test_vgg_layers_are_its_convs_with_their_norms_then_the_readout():
+    from bnbook import nets
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 32, 32)
+    for norm, own in (("bn", ["weight", "bias"]), ("noisy-bn", ["bn.weight", "bn.bias"]), ("none", None)):
+        vgg = nets.VGG(1, 10, widths=(4, "M", 4, "M", 8, "M", 8, "M", 8, "M"), norm=norm, seed=0)
+        groups = ics.layer_groups(vgg, x)
+        assert len(groups) == 6 and groups[-1] == ["readout.weight", "readout.bias"]
+        for i, g in enumerate(groups[:-1]):
+            expected = [f"convs.{i}.weight"] + ([f"norms.{i}.{n}" for n in own] if own else [f"convs.{i}.bias"])
+            assert g == expected, norm
+
+
+def test_dln_layers_are_its_matrices_in_the_order_they_act():
+    from bnbook import nets
+
+    for norm in (None, "bn"):
+        dln = nets.DeepLinear(dim=3, depth=5, norm=norm, seed=0)
+        weights = ics.layer_weights(dln, torch.randn(8, 3))
+        by_name = dict(dln.named_parameters())
+        assert [by_name[n] is w for n, w in zip(weights, dln.weights())] == [True] * 5
+
+
+def test_noisy_bn_vgg_noise_is_in_the_features_in_training_only():
+    """Our use of Algorithm 1: the recorded features include the noise (each channel shifted away from BN's
+    mean β = 0 by up to n_μ ± r_μ and scaled by σ_t ∈ [1, n_σ] ± noise); evaluation mode is plain BN."""
+    from bnbook import nets
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 32, 32)
+    noisy = nets.VGG(1, 10, widths=(6, "M", 6, "M", 6, "M", 6, "M", 6, "M"), norm="noisy-bn", seed=0)
+    clean = nets.VGG(1, 10, widths=(6, "M", 6, "M", 6, "M", 6, "M", 6, "M"), norm="bn", seed=0)
+    st_noisy = ics.activation_stats(noisy, x, [0])
+    st_clean = ics.activation_stats(clean, x, [0])
+    torch.testing.assert_close(st_clean["mean0"], torch.zeros(6), atol=1e-5, rtol=0)
+    assert st_noisy["mean0"].abs().max() > 0.01 and (st_noisy["mean0"].abs() <= 0.5 + 0.1 + 0.05).all()
+    assert (st_noisy["var0"] >= 0.9).all() and (st_noisy["var0"] <= 1.25**2 + 0.2).all()
+    noisy.eval(), clean.eval()
+    torch.testing.assert_close(noisy(x), clean(x))

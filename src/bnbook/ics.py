@@ -17,11 +17,10 @@
    reported as :math:`\\|G-G'\\|_2` and :math:`\\cos(G, G')` by :func:`gradient_change`.
 
 A *layer* is a trainable weight tensor of two or more dimensions (a convolution kernel or
-a weight matrix) together with the one-dimensional parameters registered after it and
-before the next weight (its bias, and the γ, β of the normalisation that follows it):
-:func:`layer_groups`. The models of this book register their modules in forward order, so
-"earlier" in Definition 2.1 means "earlier in this list" (a test checks it for the VGG and
-the deep linear network).
+a weight matrix) together with the one-dimensional parameters used after it and before
+the next weight (its bias, and the γ, β of the normalisation that follows it):
+:func:`layer_groups`. "Earlier" in Definition 2.1 means earlier in the forward pass, which
+is observed once per model (:func:`call_order`), not read off the registration order.
 
 Both measurements are side-effect free by construction: every forward pass runs through
 :func:`torch.func.functional_call` on detached parameters and *cloned* buffers (so BN's
@@ -39,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -58,35 +58,69 @@ MAX_QUANTILE_VALUES = 1 << 22
 
 
 # ---------------------------------------------------------------- layers
-def layer_groups(model: nn.Module) -> list[list[str]]:
-    """The model's trainable parameters grouped by layer, in registration order.
+_CALL_ORDER: "weakref.WeakKeyDictionary[nn.Module, list[str]]" = weakref.WeakKeyDictionary()
 
-    Each group starts with a trainable tensor of ≥ 2 dimensions (the layer's weight) and
-    holds the 1-D trainable parameters registered after it, up to the next weight. Trainable
-    1-D parameters before the first weight (none in this book's nets) form no layer of their
-    own: they join the first group. Frozen tensors (``requires_grad=False``) never move and
-    belong to no group.
+
+def call_order(model: nn.Module, x: Tensor) -> list[str]:
+    """Names of the submodules that own parameters, in the order a forward pass on ``x`` first calls them.
+
+    Registration order is not forward order in general (the book's VGG registers all its
+    convs, then all its norms), so the order is observed once per model, on a
+    side-effect-free forward pass, and remembered. Modules the forward pass never calls
+    are left out.
     """
+    if model in _CALL_ORDER:
+        return _CALL_ORDER[model]
+    owners = {m: name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None}
+    order: list[str] = []
+
+    def note(module: nn.Module, _args: Any) -> None:
+        if owners[module] not in order:
+            order.append(owners[module])
+
+    handles = [m.register_forward_pre_hook(note) for m in owners]
+    try:
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        with replayable_randomness(x), torch.no_grad():
+            _call(model, params, x)
+    finally:
+        for h in handles:
+            h.remove()
+    _CALL_ORDER[model] = order
+    return order
+
+
+def layer_groups(model: nn.Module, x: Tensor) -> list[list[str]]:
+    """The model's trainable parameters grouped by layer, in forward order (inputs like ``x``).
+
+    Each group starts with a trainable tensor of ≥ 2 dimensions (the layer's weight: a
+    convolution kernel or a weight matrix) and holds the 1-D trainable parameters used
+    after it and before the next weight: its bias, and the γ, β of the norm that follows
+    it. Trainable 1-D parameters before the first weight (none in this book's nets) join
+    the first group. Frozen tensors (``requires_grad=False``) never move and belong to no group.
+    """
+    modules = dict(model.named_modules())
     groups: list[list[str]] = []
     leading: list[str] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() >= 2:
-            groups.append([name])
-        elif groups:
-            groups[-1].append(name)
-        else:
-            leading.append(name)
+    for owner in call_order(model, x):
+        own = [(f"{owner}.{n}" if owner else n, p) for n, p in modules[owner].named_parameters(recurse=False)]
+        own = [(n, p) for n, p in own if p.requires_grad]
+        for name, p in sorted(own, key=lambda item: item[1].dim() < 2):  # weights first, stable otherwise
+            if p.dim() >= 2:
+                groups.append([name])
+            elif groups:
+                groups[-1].append(name)
+            else:
+                leading.append(name)
     if not groups:
         raise BnbookError(f"{type(model).__name__} has no trainable weight tensor (≥ 2 dims): no layers to measure")
     groups[0][1:1] = leading
     return groups
 
 
-def layer_weights(model: nn.Module) -> list[str]:
-    """Names of the layers' weight tensors, in order (the W_i of Definition 2.1)."""
-    return [g[0] for g in layer_groups(model)]
+def layer_weights(model: nn.Module, x: Tensor) -> list[str]:
+    """Names of the layers' weight tensors, in forward order (the W_i of Definition 2.1)."""
+    return [g[0] for g in layer_groups(model, x)]
 
 
 def scaled_layer(paper_index: int, paper_depth: int, depth: int) -> int:
@@ -186,7 +220,7 @@ def gradient_change(
     (NaN where G or G′ is zero), ``g_norm`` = ‖G‖₂, ``g_prime_norm`` = ‖G′‖₂.
     Cost: 1 + len(layers) forward/backward passes.
     """
-    groups = layer_groups(model)
+    groups = layer_groups(model, x)
     layers = [int(i) for i in layers]
     bad = [i for i in layers if not 0 <= i < len(groups)]
     if bad:
