@@ -217,7 +217,7 @@ def test_deep_linear_is_the_product_of_its_matrices() -> None:
     out, feats = dln(x, features=True)
     assert len(feats) == 25 and torch.equal(feats[-1], out)
     bound = math.sqrt(3 / 10)  # Glorot: √(6 / (10 + 10))
-    assert max(float(w.abs().max()) for w in dln.weights()) <= bound
+    assert max(float(w.detach().abs().max()) for w in dln.weights()) <= bound
 
 
 def test_deep_linear_with_bn_normalises_every_hidden_layer() -> None:
@@ -312,3 +312,16 @@ def test_every_norm_trains_under_bf16_autocast(spec) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             reference = net(x)
         torch.testing.assert_close(reference.float(), net(x).float(), rtol=0.1, atol=0.1)
+
+
+def test_norm_inputs_are_what_the_norm_layers_receive() -> None:
+    net = nets.SmallCNN(1, 3, (4, 8), norm="bn", seed=0).eval()
+    x = torch.randn(4, 1, 12, 12)
+    first = net.convs[0](x)
+    ins = nets.norm_inputs(net, x)
+    assert len(ins) == 2 and torch.equal(ins[0], first)
+    assert torch.equal(ins[1], net.convs[1](nn.functional.max_pool2d(torch.relu(net.norms[0](first)), 2)))
+    resnet = nets.ResNet(8, 4, norm_positions="none", seed=0)
+    assert len(nets.norm_slots(resnet)) == 7 + 2  # empty slots count too: 7 convs + 2 shortcut convs
+    assert len(nets.norm_inputs(resnet, torch.randn(2, 3, 8, 8))) == 9
+    assert not any(m._forward_pre_hooks for m in resnet.modules())  # the hooks are removed

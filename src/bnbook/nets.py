@@ -155,9 +155,34 @@ def make_norm(spec: NormSpec, num_features: int, dims: int = 1, **options) -> nn
 
 
 def _slot(spec: NormSpec, num_features: int, dims: int, options: Mapping | None) -> nn.Module:
-    """A norm slot: the layer :func:`make_norm` builds, or ``nn.Identity`` for no norm."""
+    """A norm slot: the layer :func:`make_norm` builds, or ``nn.Identity`` for no norm (see :func:`norm_slots`)."""
     layer = make_norm(spec, num_features, dims, **dict(options or {}))
-    return nn.Identity() if layer is None else layer
+    slot = nn.Identity() if layer is None else layer
+    slot.is_norm_slot = True
+    return slot
+
+
+def norm_slots(model: nn.Module) -> list[nn.Module]:
+    """The norm slots of one of this module's nets, in module order (``nn.Identity`` where a slot is empty)."""
+    return [m for m in model.modules() if getattr(m, "is_norm_slot", False)]
+
+
+def norm_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """What every norm slot receives in one forward pass of ``model`` on ``x``, in call order.
+
+    These are the conv/linear outputs whose statistics BN takes (chapter 5 compares them
+    with the running averages). The forward pass runs in the model's current mode, so in
+    training mode it updates BN's running statistics: wrap it in
+    :func:`bnbook.train.no_side_effects` or call it in evaluation mode.
+    """
+    seen: list[Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0])) for m in norm_slots(model)]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def _has_shift(spec: NormSpec) -> bool:

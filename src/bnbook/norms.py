@@ -49,8 +49,28 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
     dims = reduce_dims(x)
     m = x.numel() // x.shape[1]
     mean = x.mean(dim=dims)
-    var = x.var(dim=dims, correction=0)
+    # two passes, written out: x.var over the non-adjacent dims (0, 2, 3) is ~3x slower on CPU
+    var = (x - _per_channel(mean, x)).square().mean(dim=dims)
     return mean, var, m
+
+
+def _normalise(x: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Algorithm 1 on ``x``: (y, μ_B, σ²_B), the statistics computed once for the output and the running averages."""
+    dims = reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    if m < 2:
+        raise ValueError(
+            f"BatchNorm needs more than 1 value per feature in training mode (got m = {m}): "
+            "the batch variance of a single value is undefined"
+        )
+    mean = x.mean(dim=dims, keepdim=True)
+    centred = x - mean
+    var = centred.square().mean(dim=dims, keepdim=True)
+    scale = torch.rsqrt(var + eps)  # 1/√(σ²_B + ε), per channel
+    if gamma is not None:
+        scale = scale * _per_channel(gamma, x)
+    y = centred * scale if beta is None else torch.addcmul(_per_channel(beta, x), centred, scale)
+    return y, mean.reshape(-1), var.reshape(-1)
 
 
 def batch_norm(
@@ -60,18 +80,7 @@ def batch_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Algorithm 1 (training mode): y = γ·(x − μ_B)/√(σ²_B + ε) + β with batch statistics."""
-    mean, var, m = batch_stats(x)
-    if m < 2:
-        raise ValueError(
-            f"BatchNorm needs more than 1 value per feature in training mode (got m = {m}): "
-            "the batch variance of a single value is undefined"
-        )
-    x_hat = (x - _per_channel(mean, x)) / torch.sqrt(_per_channel(var, x) + eps)
-    if gamma is not None:
-        x_hat = x_hat * _per_channel(gamma, x)
-    if beta is not None:
-        x_hat = x_hat + _per_channel(beta, x)
-    return x_hat
+    return _normalise(x, gamma, beta, eps)[0]
 
 
 def inference_affine(
@@ -158,14 +167,13 @@ class BatchNorm(nn.Module):
                 self.eps,
             )
             return (xc * _per_channel(a, xc) + _per_channel(b, xc)).to(x.dtype)
-        y = batch_norm(xc, self.weight, self.bias, self.eps)
+        y, mean, var = _normalise(xc, self.weight, self.bias, self.eps)
         if self.training and self.track_running_stats:
-            self._update_running_stats(xc)
+            self._update_running_stats(mean, var, xc.numel() // xc.shape[1])
         return y.to(x.dtype)
 
     @torch.no_grad()
-    def _update_running_stats(self, x: Tensor) -> None:
-        mean, var, m = batch_stats(x.detach())
+    def _update_running_stats(self, mean: Tensor, var: Tensor, m: int) -> None:
         mean, var = mean.to(self.running_mean.dtype), var.to(self.running_var.dtype)
         self.num_batches_tracked.add_(1)
         # momentum weights the *new* batch; None means the cumulative average 1/k.
@@ -174,8 +182,9 @@ class BatchNorm(nn.Module):
             factor: Tensor | float = 1.0 / self.num_batches_tracked.to(mean.dtype)
         else:
             factor = self.momentum
-        self.running_mean.lerp_(mean, factor)
-        self.running_var.lerp_(var * (m / (m - 1)), factor)  # stores the unbiased variance
+        # (1 − f)·running + f·new, PyTorch's order of operations (and, unlike lerp_, batched by vmap)
+        self.running_mean.mul_(1 - factor).add_(mean * factor)
+        self.running_var.mul_(1 - factor).add_(var * (m / (m - 1)) * factor)  # stores the unbiased variance
 
     def extra_repr(self) -> str:
         return (
