@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from bnbook import data, nets, train
 from bnbook.env import num_threads, sync
@@ -93,20 +93,28 @@ def tutorial_mlp(s: BenchSettings, in_features: int, num_classes: int, seed: int
 
 
 def time_tutorial(s: BenchSettings, ds: data.Dataset, device: torch.device, seed: int = 0) -> float:
-    """Steps per second of the tutorial loop (DataLoader with shuffling, ``loss.item()`` every step)."""
+    """Steps per second of the tutorial loop on chapter 3's MLP (see :func:`time_plain_loop`)."""
+    model = tutorial_mlp(s, ds.x_train[0].numel(), ds.num_classes, seed).to(device)
+    return time_plain_loop(model, ds, device, s.batch_size, s.steps, s.warmup, seed)
+
+
+def time_plain_loop(
+    model: nn.Module, ds: data.Dataset, device: torch.device, batch_size: int, steps: int, warmup: int, seed: int = 0
+) -> float:
+    """Steps per second of the loop most tutorials write: ``DataLoader(TensorDataset, shuffle=True)``
+    from host memory, ``torch.optim.SGD``, and ``loss.item()`` every step (a host synchronisation)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     cpu = ds.to("cpu")
-    loader = DataLoader(TensorDataset(cpu.x_train, cpu.y_train), batch_size=s.batch_size, shuffle=True,
+    loader = DataLoader(TensorDataset(cpu.x_train, cpu.y_train), batch_size=batch_size, shuffle=True,
                         drop_last=True, generator=torch.Generator().manual_seed(seed))
-    model = tutorial_mlp(s, cpu.x_train[0].numel(), ds.num_classes, seed).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.CrossEntropyLoss()
     done, t0, losses = 0, 0.0, []
-    total = s.warmup + s.steps
+    total = warmup + steps
     while done < total:
         for x, y in loader:
-            if done == s.warmup:
+            if done == warmup:
                 sync(device)
                 t0 = time.perf_counter()
             x, y = x.to(device), y.to(device)
@@ -119,7 +127,17 @@ def time_tutorial(s: BenchSettings, ds: data.Dataset, device: torch.device, seed
             if done == total:
                 break
     sync(device)
-    return s.steps / (time.perf_counter() - t0)
+    return steps / (time.perf_counter() - t0)
+
+
+def time_fit(models: list[nn.Module], ds: data.Dataset, batch_size: int, steps: int, warmup: int,
+             seed: int = 0, stack: bool = True) -> float:
+    """Model-steps per second of :func:`bnbook.train.fit` training ``models`` at once (evaluation excluded)."""
+    cfg = train.FitConfig(steps=warmup + steps, batch_size=batch_size, lr=0.1, log_every=warmup + steps,
+                          stack=stack, probe_size=1)
+    small_test = dataclasses.replace(ds, x_test=ds.x_test[:1], y_test=ds.y_test[:1])
+    res = train.fit(models, small_test, cfg, seeds=range(seed, seed + len(models)))
+    return res.model_steps_per_s
 
 
 def time_engine(s: BenchSettings, ds: data.Dataset, k: int, stack: bool = True, seed: int = 0) -> float:
@@ -134,11 +152,7 @@ def time_engine(s: BenchSettings, ds: data.Dataset, k: int, stack: bool = True, 
         .to(ds.x_train.device)
         for i in range(k)
     ]
-    cfg = train.FitConfig(steps=s.warmup + s.steps, batch_size=s.batch_size, lr=0.1,
-                          log_every=s.warmup + s.steps, stack=stack, probe_size=1)
-    small_test = dataclasses.replace(ds, x_test=ds.x_test[:1], y_test=ds.y_test[:1])
-    res = train.fit(models, small_test, cfg, seeds=range(seed, seed + k))
-    return res.model_steps_per_s
+    return time_fit(models, ds, s.batch_size, s.steps, s.warmup, seed, stack)
 
 
 def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -222,3 +236,102 @@ def _with_threads(fn: Callable[[int], float], threads: int) -> Callable[[int], f
 def samples_array(summary: dict[str, Any]) -> dict[str, np.ndarray]:
     """The raw timings as arrays (one per contender), for the result folder."""
     return {f"samples_{name}": np.asarray(v, dtype=float) for name, v in summary["samples"].items()}
+
+
+# ---------------------------------------------------------------- convolutional nets
+@dataclasses.dataclass(frozen=True)
+class ConvBenchSettings:
+    """The CNN rows: chapter 5's small CNN and a CIFAR ResNet-20, tutorial loop vs the engine's K seeds."""
+
+    dataset: str = "fashion-mnist"  # images the small CNN trains on (28×28)
+    cnn_batch: int = 32
+    resnet_batch: int = 64
+    resnet_shape: tuple[int, int, int] = (3, 32, 32)  # CIFAR-shaped random data for the ResNet
+    resnet_depth: int = 20
+    steps: int = 30
+    warmup: int = 5
+    seeds: tuple[int, ...] = (1, 4)  # models the engine trains at once
+    repeats: int = 2
+    threads: int | None = None  # CPU threads (None: torch's default; convolutions use them well)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.repeats < 1 or not self.seeds or min(self.seeds) < 1:
+            raise BnbookError("ConvBenchSettings: steps, repeats and every number of seeds must be positive")
+
+
+def conv_flops_per_step(model: nn.Module, x: Tensor) -> int:
+    """FLOPs of the convolutions and linear layers of one training step of ``model`` on batch ``x``:
+    the forward products counted with hooks, times 3 (forward, input gradients, weight gradients)."""
+    total = 0
+
+    def count(mod: nn.Module, _inp, out: Tensor) -> None:
+        nonlocal total
+        if isinstance(mod, nn.Conv2d):
+            per_output = 2 * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+            total += per_output * out.numel()
+        elif isinstance(mod, nn.Linear):
+            total += 2 * mod.in_features * out.numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return 3 * total
+
+
+def conv_gflops(device: torch.device, repeats: int = 5) -> float:
+    """Best measured throughput (GFLOP/s) of a mid-sized 3×3 convolution's forward pass on ``device``."""
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device)
+    x = torch.randn(64, 64, 32, 32, device=device)
+    flops = 2 * 64 * 9 * x.numel()
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            conv(x)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def run_conv_benchmark(s: ConvBenchSettings, device: torch.device) -> dict[str, Any]:
+    """Images per second of the tutorial loop and of the engine for the small CNN and a ResNet, and the
+    fraction of the machine's measured convolution throughput each reaches (JSON-ready summary)."""
+    cnn_data = data.load(s.dataset, device)
+    gen = torch.Generator().manual_seed(0)
+    n = s.resnet_batch * 8
+    fake = torch.randn(n, *s.resnet_shape, generator=gen).to(device)
+    labels = torch.randint(0, 10, (n,), generator=gen).to(device)
+    resnet_data = data.Dataset("random-cifar-shaped", fake, labels, fake[:8], labels[:8], tuple("0123456789"),
+                               "random images of CIFAR-10's shape (3×32×32), for timing only")
+    nets_ = {
+        "cnn": (lambda seed, norm="bn": nets.SmallCNN(cnn_data.input_shape[0], 10, norm=norm, seed=seed), cnn_data, s.cnn_batch),
+        "resnet": (lambda seed, norm="bn": nets.ResNet(s.resnet_depth, in_channels=s.resnet_shape[0], norm=norm, seed=seed),
+                   resnet_data, s.resnet_batch),
+    }
+    rows = []
+    with num_threads(s.threads if device.type == "cpu" else None):
+        peak = conv_gflops(device)
+        for net, (make, ds, batch) in nets_.items():
+            flops = conv_flops_per_step(make(0).to(device), ds.x_train[:batch])
+            samples: dict[str, list[float]] = {"tutorial": [], **{f"engine_k{k}": [] for k in s.seeds}}
+            for r in range(s.repeats):
+                samples["tutorial"].append(time_plain_loop(make(r, "torch-bn").to(device), ds, device, batch,
+                                                           s.steps, s.warmup, seed=r))
+                for k in s.seeds:
+                    models = [make(r * 100 + i).to(device) for i in range(k)]
+                    samples[f"engine_k{k}"].append(time_fit(models, ds, batch, s.steps, s.warmup, seed=r))
+            base = max(samples["tutorial"])
+            for name, v in samples.items():
+                rows.append({
+                    "net": net, "contender": name, "models": _models_of(name), "batch": batch,
+                    "best": max(v), "median": statistics.median(v), "images_per_s": max(v) * batch,
+                    "ratio": max(v) / base, "flops_per_step": flops,
+                    "fraction_of_conv_peak": max(v) * flops / (peak * 1e9), "samples": v,
+                })
+    return {"device": str(device), "threads": torch.get_num_threads() if s.threads is None else s.threads,
+            "settings": dataclasses.asdict(s), "conv_gflops": peak, "rows": rows}

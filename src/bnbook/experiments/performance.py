@@ -13,6 +13,7 @@ from bnbook.config import ChapterConfig
 from bnbook.results import Outcome, Result
 
 LABELS = {"tutorial": "tutorial loop", "indexed": "engine, 1 model, autograd"}
+NETS = {"cnn": "small CNN (chapter 5)", "resnet": "ResNet-20"}
 
 
 def label(name: str) -> str:
@@ -21,7 +22,7 @@ def label(name: str) -> str:
     name = name.removesuffix("_all")
     if name.startswith("engine_k"):
         k = int(name.removeprefix("engine_k"))
-        return f"engine, {k} model{'s' if k > 1 else ''} stacked{suffix}"
+        return f"engine, {k} model{'s' if k > 1 else ''} at once{suffix}"
     return LABELS.get(name, name) + suffix
 
 
@@ -36,10 +37,16 @@ class PerformanceConfig(ChapterConfig):
     repeats: int = 3  # interleaved repetitions (best and median reported)
     threads: int = 1  # CPU threads for every contender: small GEMMs run faster on one
     all_threads_too: bool = True  # also time tutorial and largest stack with torch's default threads
+    conv_dataset: str = "fashion-mnist"  # images of the small-CNN rows
+    conv_steps: int = 30  # timed steps per measurement of the CNN rows (small CNN and ResNet-20)
+    conv_seeds: tuple[int, ...] = (1, 4)  # numbers of CNNs the engine trains at once
+    conv_repeats: int = 2  # interleaved repetitions of the CNN rows
 
     profiles: ClassVar = {
-        "smoke": {"steps": 10, "warmup": 2, "stacks": (1, 2), "repeats": 1, "all_threads_too": False},
-        "paper": {"steps": 1_000, "repeats": 5, "stacks": (1, 8, 16, 64)},
+        "smoke": {"steps": 10, "warmup": 2, "stacks": (1, 2), "repeats": 1, "all_threads_too": False,
+                  "conv_steps": 2, "conv_seeds": (2,), "conv_repeats": 1},
+        "paper": {"steps": 1_000, "repeats": 5, "stacks": (1, 8, 16, 64), "conv_steps": 100,
+                  "conv_seeds": (1, 8, 32), "conv_repeats": 3},
     }
 
 
@@ -49,10 +56,20 @@ def settings(cfg: PerformanceConfig) -> bench.BenchSettings:
                                repeats=cfg.repeats, threads=cfg.threads, all_threads_too=cfg.all_threads_too)
 
 
+def conv_settings(cfg: PerformanceConfig) -> bench.ConvBenchSettings:
+    """The settings of the CNN rows of ``cfg``."""
+    return bench.ConvBenchSettings(dataset=cfg.conv_dataset, steps=cfg.conv_steps, warmup=min(5, cfg.conv_steps),
+                                   seeds=tuple(cfg.conv_seeds), repeats=cfg.conv_repeats)
+
+
 def run(cfg: PerformanceConfig, device: torch.device) -> Outcome:
-    """Run the benchmark; the summary is the metrics, the raw timings the arrays."""
+    """Run both benchmarks; the summaries are the metrics (the CNN rows under ``conv``), the raw timings the arrays."""
     summary = bench.run_benchmark(settings(cfg), device)
-    return Outcome(metrics=summary, arrays=bench.samples_array(summary), datasets=[cfg.dataset])
+    summary["conv"] = bench.run_conv_benchmark(conv_settings(cfg), device)
+    arrays = bench.samples_array(summary)
+    for row in summary["conv"]["rows"]:
+        arrays[f"conv_samples_{row['net']}_{row['contender']}"] = np.asarray(row["samples"], dtype=float)
+    return Outcome(metrics=summary, arrays=arrays, datasets=[cfg.dataset, cfg.conv_dataset, "random-cifar-shaped"])
 
 
 def figure(res: Result):
@@ -81,3 +98,29 @@ def figure(res: Result):
     ax.set_xlabel("model-steps per second (higher is better)")
     fig.tight_layout()
     return fig
+
+
+CONV_COLUMNS = {"net": "network", "label": "contender", "threads": "threads", "images_per_s": "images/s",
+                "ratio": "× tutorial", "pct": "% of conv throughput"}
+CONV_FORMATS = {"threads": "d", "images_per_s": ",.0f", "ratio": ".2f", "pct": ".1f"}
+
+
+def conv_rows(res: Result) -> list[dict]:
+    """The CNN rows of the result, ready for :func:`bnbook.report.table`."""
+    conv = res.metrics["conv"]
+    return [{**r, "net": NETS[r["net"]], "label": label(r["contender"]), "threads": conv["threads"],
+             "pct": 100 * r["fraction_of_conv_peak"]} for r in conv["rows"]]
+
+
+def conv_gains(res: Result) -> dict[str, dict[str, float]]:
+    """Per CNN: ``ratio`` = best engine / tutorial images per second, ``k`` = the engine with the most
+    models at once / the engine with the fewest (what batching models buys on this device)."""
+    out = {}
+    for net in NETS:
+        rows = {r["contender"]: r for r in res.metrics["conv"]["rows"] if r["net"] == net}
+        engines = sorted((r for n, r in rows.items() if n.startswith("engine")), key=lambda r: r["models"])
+        out[net] = {
+            "ratio": max(r["images_per_s"] for r in engines) / rows["tutorial"]["images_per_s"],
+            "k": engines[-1]["images_per_s"] / engines[0]["images_per_s"],
+        }
+    return out
