@@ -253,9 +253,18 @@ def test_benchmark_script(tmp_path):
 def test_experiment_is_deterministic_for_a_seed():
     from bnbook.experiments import backprop as exp
 
-    cfg = exp.BackpropConfig.from_params("smoke", bench_shapes=((4, 2),), bench_repeats=1, bench_warmup=0)
+    cfg = exp.BackpropConfig.from_params("smoke", bench_shapes=((4, 2),), bench_repeats=1, bench_warmup=1)
     first, second = (exp.run(cfg, torch.device("cpu")) for _ in range(2))
     numbers = lambda o: {k: v for k, v in o.metrics.items() if not k.startswith("bench")}  # noqa: E731
     assert numbers(first) == numbers(second)  # timings aside, bit-for-bit the same
     other = exp.run(cfg.replace(seed=1), torch.device("cpu"))
     assert numbers(other)["unit_sigma2"] != numbers(first)["unit_sigma2"]
+    # the exercises' answers measure what the chapter says they do
+    m = first.metrics
+    assert m["bessel_jacobian_rel"] < 1e-12 and m["bessel_idempotent"] < 1e-12
+    assert m["m2_jacobian_norm_eps0"] < 1e-12 and m["m2_xhat_abs_dev"] < 1e-12
+    assert m["m2_jacobian_norm_eps"] == pytest.approx(m["m2_jacobian_norm_eps_predicted"], rel=1e-6)
+    assert m["eig_maxdiff_rel"] < 1e-10 and m["eig_spectral_norm"] == pytest.approx(m["eig_gamma_over_s"])
+    assert m["detached_gradcheck"] and not m["detached_gradgradcheck"]
+    assert m["ln_jacobian_rel"] < 1e-12 and m["ln_cos_w_gradw_whole"] < 1e-12 < m["ln_cos_w_gradw_rows_max"]
+    assert m["bench_threads_text"] in ("1 thread", f"{m['bench_threads']} threads")

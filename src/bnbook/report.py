@@ -60,6 +60,45 @@ def glue(name: str, value: Any, spec: Formatter = ".3g") -> None:
     _glue(name, Markdown(fmt(value, spec)), display=False)
 
 
+def glue_metrics(
+    result: Result | Mapping[str, Any], formats: Mapping[str, Formatter] | None = None, prefix: str = ""
+) -> None:
+    """Glue every scalar metric of ``result`` (a :class:`Result` or a metrics mapping) for the prose.
+
+    Names are flattened: nested mappings join their keys with ``_`` (``{"err": {"ws+bn": x}}``
+    becomes ``err_ws_bn``, characters other than letters, digits and ``_`` turned into ``_``),
+    lists of scalars are numbered (``range_0``, ``range_1``); lists of rows and other
+    containers are skipped (they are tables). Each value is glued as ``prefix + name``
+    (``{glue}`prefix_name``` in the text), formatted by the first pattern of ``formats``
+    (``fnmatch`` patterns on the flattened name, without the prefix) that matches; without a
+    match integers get ``,`` (thousands separators), other numbers ``.3g``, and strings,
+    booleans and ``None`` (an em dash) are glued as they are.
+    """
+    import fnmatch
+    import re
+
+    metrics = result.metrics if isinstance(result, Result) else result
+    flat: dict[str, Any] = {}
+
+    def walk(name: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                walk(f"{name}_{key}" if name else str(key), inner)
+        elif isinstance(value, (list, tuple)):
+            if all(v is None or isinstance(v, (int, float, str)) for v in value):
+                for i, inner in enumerate(value):
+                    walk(f"{name}_{i}", inner)
+        elif value is None or isinstance(value, (int, float, str)):
+            flat[re.sub(r"\W", "_", name)] = value
+
+    walk("", metrics)
+    for name, value in flat.items():
+        spec = next((s for pattern, s in (formats or {}).items() if fnmatch.fnmatchcase(name, pattern)), None)
+        if spec is None:
+            spec = "," if isinstance(value, int) and not isinstance(value, bool) else ".3g"
+        glue(prefix + name, value, spec)
+
+
 def provenance(result: Result | Sequence[Result]) -> str:
     """One sentence naming the dataset(s), machine, runtime and result folder of a result."""
     results = [result] if isinstance(result, Result) else list(result)

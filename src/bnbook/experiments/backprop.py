@@ -330,6 +330,116 @@ def _gradchecks(seed: int) -> dict[str, bool]:
     return out
 
 
+# ---------------------------------------------------------------- the exercises' answers
+def _bessel_checks(xk: Tensor) -> dict[str, float]:
+    """Exercise 1: BN with the unbiased variance s² = Σ(x−μ)²/(m−1), ε = 0, on one unit.
+
+    Its Jacobian is (1/s)(I − 11ᵀ/m − x̂x̂ᵀ/(m−1)) with x̂ = (x−μ)/s: only the coefficient of
+    the x̂ term changes (‖x̂‖² = m − 1), and the bracket is again an orthogonal projection.
+    """
+    m = xk.shape[0]
+
+    def bn_unbiased(v: Tensor) -> Tensor:
+        return (v - v.mean()) / v.std(correction=1)
+
+    jac = torch.autograd.functional.jacobian(bn_unbiased, xk)
+    s = xk.std(correction=1)
+    xh = bn_unbiased(xk)
+    p = torch.eye(m, dtype=xk.dtype) - 1.0 / m - torch.outer(xh, xh) / (m - 1)
+    return {
+        "bessel_jacobian_rel": _rel(jac, p / s),
+        "bessel_idempotent": float(torch.linalg.matrix_norm(p @ p - p, ord=2)),
+    }
+
+
+def _two_example_checks(xk: Tensor, gamma: float, eps: float) -> dict[str, float]:
+    """Exercise 2: a batch of m = 2. At ε = 0, BN outputs ±γ + β and its Jacobian is 0;
+    at ε > 0 the Jacobian's one non-zero eigenvalue is (γ/s)·ε/(σ²+ε), along x̂."""
+    pair = xk[:2]
+    xh0 = bp.normalize(pair[:, None], 0.0)[0][:, 0]
+    jac0 = bp.jacobian_autograd(pair, gamma, 0.0, 0.0)
+    jac = bp.jacobian_autograd(pair, gamma, 0.0, eps)
+    var = float(pair.var(correction=0))
+    predicted = gamma / (var + eps) ** 0.5 * eps / (var + eps)
+    return {
+        "m2_xhat_abs_dev": _abs_max(xh0.abs() - 1),
+        "m2_jacobian_norm_eps0": float(torch.linalg.matrix_norm(jac0, ord=2)),
+        "m2_jacobian_norm_eps": float(torch.linalg.matrix_norm(jac, ord=2)),
+        "m2_jacobian_norm_eps_predicted": predicted,
+    }
+
+
+def _eigen_checks(jac: Tensor, xk: Tensor, gamma: float, eps: float) -> dict[str, float]:
+    """Exercise 3: the eigenvalues of (γ/s)P are 0 (along 1), (γ/s)·ε/(σ²+ε) (along x̂) and γ/s (m − 2 times)."""
+    m = xk.shape[0]
+    var = float(xk.var(correction=0))
+    scale = gamma / (var + eps) ** 0.5
+    eig = torch.linalg.eigvalsh((jac + jac.T) / 2)  # ascending; the Jacobian is symmetric
+    predicted = torch.tensor([0.0, scale * eps / (var + eps), *([scale] * (m - 2))], dtype=eig.dtype)
+    return {
+        "eig_maxdiff_rel": float((eig - predicted.sort().values).abs().max() / scale),
+        "eig_spectral_norm": float(eig.abs().max()),
+        "eig_gamma_over_s": scale,
+        "eig_along_xhat_predicted": scale * eps / (var + eps),
+        "eig_amplification_max": gamma / eps**0.5,
+    }
+
+
+class _DetachedBackward(torch.autograd.Function):
+    """Exercise 5: :class:`bnbook.backprop.BatchNormFunction` with x̂ and 1/s saved *detached*:
+    first derivatives are right, but a second backward misses how x̂ and s depend on x."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:  # noqa: D102
+        x_hat, _, inv_std = bp.normalize(x, eps)
+        ctx.save_for_backward(x_hat.detach(), gamma, inv_std.detach())
+        return x_hat * gamma + beta
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        x_hat, gamma, inv_std = ctx.saved_tensors
+        return (*bp.bn_backward_compact(grad_y, x_hat, gamma, inv_std), None)
+
+
+def _detached_checks(seed: int) -> dict[str, bool]:
+    """Exercise 5: gradcheck passes and gradgradcheck fails for :class:`_DetachedBackward`."""
+    gen = torch.Generator().manual_seed(seed)
+    args = (
+        torch.randn(6, 3, generator=gen, dtype=F64).requires_grad_(),
+        (0.5 + torch.rand(3, generator=gen, dtype=F64)).requires_grad_(),
+        torch.randn(3, generator=gen, dtype=F64).requires_grad_(),
+    )
+    fn = lambda x, g, b: _DetachedBackward.apply(x, g, b, 1e-3)  # noqa: E731
+    return {
+        "detached_gradcheck": torch.autograd.gradcheck(fn, args, raise_exception=False),
+        "detached_gradgradcheck": torch.autograd.gradgradcheck(fn, args, raise_exception=False),
+    }
+
+
+def _layer_norm_checks(s: _Setup) -> dict[str, float]:
+    """Exercise 6: LN over the d features of one example has the Jacobian (1/s)(I − 11ᵀ/d − x̂x̂ᵀ/d)
+    (ε = 0, no affine); the weight gradient is orthogonal to the whole matrix W, not to each row."""
+    x = s.u @ s.w.T  # (m, d) with d = units
+    d = x.shape[1]
+
+    def ln(v: Tensor) -> Tensor:
+        return (v - v.mean()) / v.std(correction=0)
+
+    row = x[0]
+    jac = torch.autograd.functional.jacobian(ln, row)
+    xh = ln(row)
+    formula = (torch.eye(d, dtype=F64) - 1.0 / d - torch.outer(xh, xh) / d) / row.std(correction=0)
+    w = s.w.detach().clone().requires_grad_()
+    z = s.u @ w.T
+    y = (z - z.mean(1, keepdim=True)) / z.std(1, correction=0, keepdim=True) * s.gamma + s.beta
+    (grad,) = torch.autograd.grad(_loss(s, y), w)
+    return {
+        "ln_jacobian_rel": _rel(jac, formula),
+        "ln_cos_w_gradw_whole": float(abs((w * grad).sum()) / (w.norm() * grad.norm())),
+        "ln_cos_w_gradw_rows_max": _abs_max(_cos(w.detach(), grad)),
+    }
+
+
 def run(cfg: BackpropConfig, device: torch.device) -> Outcome:
     """Run every numerical check of chapter 2 (float64, CPU) and the benchmark (on ``device``)."""
     with num_threads(cfg.threads or None):
@@ -347,6 +457,13 @@ def run(cfg: BackpropConfig, device: torch.device) -> Outcome:
         idem_err = np.abs(arrays["sweep_idempotence"] / arrays["sweep_idempotence_predicted"] - 1)
         metrics["sweep_lambda_rel_err"] = float(lam_err.max())
         metrics["sweep_idempotence_rel_err"] = float(idem_err.max())
+        xk = (s.u @ s.w.T)[:, cfg.unit]
+        gk = float(s.gamma[cfg.unit])
+        metrics.update(_bessel_checks(xk))
+        metrics.update(_two_example_checks(xk, gk, cfg.eps))
+        metrics.update(_eigen_checks(torch.as_tensor(arrays["jac_autograd"]), xk, gk, cfg.eps))
+        metrics.update(_detached_checks(cfg.seed))
+        metrics.update(_layer_norm_checks(s))
         rows = bp.benchmark(cfg.bench_shapes, device, cfg.bench_repeats, cfg.bench_warmup, cfg.threads or None)
     metrics["bench"] = rows
     metrics["bench_device"] = str(device)
@@ -357,7 +474,23 @@ def run(cfg: BackpropConfig, device: torch.device) -> Outcome:
     metrics["bench_autograd_ratio_median"] = float(np.median([r["autograd_ratio"] for r in rows]))
     metrics["bench_count"] = len(rows)
     metrics["bench_autograd_slower_count"] = sum(r["autograd_ms"] > r["manual_ms"] for r in rows)
+    threads = metrics["bench_threads"]
+    metrics["bench_threads_text"] = f"{threads} thread" + ("" if threads == 1 else "s")
+    metrics["bench_faster_or_slower"] = (
+        "slower" if metrics["bench_manual_ratio_min"] > 1 else "not uniformly slower"
+    )
+    by_size = sorted(rows, key=lambda r: np.prod([int(v) for v in r["shape"].split("×")]))  # by numel
+    metrics["bench_smallest_shape"], metrics["bench_largest_shape"] = by_size[0]["shape"], by_size[-1]["shape"]
+    metrics["bench_manual_ratio_smallest"] = by_size[0]["manual_ratio"]
+    metrics["bench_manual_ratio_largest"] = by_size[-1]["manual_ratio"]
+    metrics["bench_ratio_trend"] = (
+        "shrinks" if by_size[-1]["manual_ratio"] < by_size[0]["manual_ratio"] else "grows"
+    )
     metrics["dataset_description"] = ds.description
+    metrics["dataset"] = ds.name
+    metrics["conv_shape_text"] = " × ".join(str(d) for d in metrics["conv_shape"])
+    metrics.update(eps_cfg=cfg.eps, units=cfg.units, population_batches=cfg.population_batches,
+                   bench_repeats_used=cfg.bench_repeats, lr=cfg.lr)
     return Outcome(metrics=metrics, arrays=arrays, datasets=[cfg.dataset])
 
 
@@ -419,7 +552,8 @@ def plot_epsilon(res: Result) -> Figure:
 
 
 def plot_benchmark(res: Result) -> Figure:
-    """Median forward+backward time per implementation and shape (log scale)."""
+    """Median forward+backward time per implementation and shape: points on a log axis
+    (bars would need a zero, which a log axis does not have)."""
     import matplotlib.pyplot as plt
 
     from bnbook.plots import PALETTE
@@ -428,13 +562,72 @@ def plot_benchmark(res: Result) -> Figure:
     names = list(bp.IMPLEMENTATIONS)
     labels = {"native": "native (PyTorch)", "manual": "our Function", "autograd": "op-by-op autograd"}
     colours = {"native": PALETTE["ref"], "manual": PALETTE["bn"], "autograd": PALETTE["no_bn"]}
-    width = 0.8 / len(names)
+    markers = {"native": "o", "manual": "s", "autograd": "^"}
+    offset = 0.12
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(rows), 3.8), constrained_layout=True)
     for j, name in enumerate(names):
-        xs = np.arange(len(rows)) + (j - (len(names) - 1) / 2) * width
-        ax.bar(xs, [r[f"{name}_ms"] for r in rows], width, label=labels.get(name, name), color=colours[name])
+        xs = np.arange(len(rows)) + (j - (len(names) - 1) / 2) * offset
+        ax.plot(xs, [r[f"{name}_ms"] for r in rows], ls="none", marker=markers.get(name, "o"), ms=7,
+                label=labels.get(name, name), color=colours[name])
     ax.set_xticks(np.arange(len(rows)), [r["shape"] for r in rows], fontsize=8)
+    ax.set_xlim(-0.5, len(rows) - 0.5)
     ax.set_yscale("log")
+    ax.set_xlabel("input shape")
     ax.set_ylabel("forward + backward (ms, median)")
     ax.legend(fontsize=8)
     return fig
+
+
+GLUE_FORMATS = {
+    "m": "d", "conv_m": "d", "unit_sigma2": ".3f", "eval_slope": ".3f", "train_slope_diag_mean": ".3f",
+    "train_offdiag_fraction": ".2f", "eval_offdiag_fraction": ".2f", "train_grad_sum": ".1e",
+    "eval_grad_sum": ".2f", "bench_count": "d", "bench_autograd_slower_count": "d", "P_trace_eps*": ".6f",
+    "xhat_norm2_over_m_eps*": ".8f", "conv_not_per_image": ".2f", "bench_manual_ratio_*": ".1f",
+    "bench_autograd_ratio_median": ".1f", "bench_threads": "d", "eps_cfg": ".0e", "units": "d",
+    "population_batches": "d", "bench_repeats_used": "d", "lr": "g", "eig_gamma_over_s": ".3f",
+    "eig_spectral_norm": ".3f", "eig_amplification_max": ".0f", "*gradcheck*": lambda ok: "passes" if ok else "fails",
+    "*": ".1e",
+}
+"""How chapter 2 prints its metrics (``report.glue_metrics``): residuals as ``.1e`` unless named here."""
+
+
+def backward_check_rows(metrics: dict) -> list[dict]:
+    """Rows of the table "staged vs compact vs autograd" (relative max. differences)."""
+    M = metrics
+    return [
+        {"check": "staged chain rule vs autograd (native BN)", "x": M["staged_vs_autograd_x"],
+         "gamma": M["staged_vs_autograd_gamma"], "beta": M["staged_vs_autograd_beta"]},
+        {"check": "compact formula vs autograd (native BN)", "x": M["compact_vs_autograd_x"],
+         "gamma": M["compact_vs_autograd_gamma"], "beta": M["compact_vs_autograd_beta"]},
+        {"check": "compact vs staged", "x": M["compact_vs_staged_x"]},
+    ]
+
+
+def projection_rows(metrics: dict) -> list[dict]:
+    """Rows of the table of P's properties at ε = 0, at the configured ε, and predicted."""
+    M = metrics
+    m = M["m"]
+    return [
+        {"prop": "‖P² − P‖₂", "eps0": M["P_idempotent_eps0"], "eps": M["P_idempotent_eps"],
+         "pred": M["P_idempotent_eps_predicted"]},
+        {"prop": "largest entry of abs(P − Pᵀ)", "eps0": M["P_symmetric_eps0"], "eps": M["P_symmetric_eps"], "pred": 0.0},
+        {"prop": "‖P 1‖ / ‖1‖", "eps0": M["P_ones_eps0"], "eps": M["P_ones_eps"], "pred": 0.0},
+        {"prop": "‖P x̂‖ / ‖x̂‖", "eps0": M["P_xhat_eps0"], "eps": M["P_xhat_eps"], "pred": M["P_xhat_eps_predicted"]},
+        {"prop": "tr P − (m − 2)", "eps0": M["P_trace_eps0"] - (m - 2), "eps": M["P_trace_eps"] - (m - 2),
+         "pred": M["P_xhat_eps_predicted"]},
+    ]
+
+
+def consequence_rows(metrics: dict) -> list[dict]:
+    """Rows of the table checking the consequences (orthogonality, invariance, weight norm)."""
+    M = metrics
+    return [
+        {"check": "largest abs. cosine of (∂ℓ/∂x, 1) over units", "eps0": M["cos_grad_ones_eps0_max"], "eps": M["cos_grad_ones_max"]},
+        {"check": "largest abs. cosine of (∂ℓ/∂x, x̂) over units", "eps0": M["cos_grad_xhat_eps0_max"], "eps": M["cos_grad_xhat_eps_max"]},
+        {"check": "x̂ᵀ∂ℓ/∂x vs the ε-prediction (rel. diff.)", "eps": M["xhat_dot_grad_vs_predicted"]},
+        {"check": "BN(ax + b) vs BN(x) (rel. diff.)", "eps0": M["invariance_eps0"], "eps": M["invariance_eps"]},
+        {"check": "largest abs. cosine of (w_k, ∂ℓ/∂w_k) over units", "eps0": M["cos_w_gradw_eps0_max"], "eps": M["cos_w_gradw_eps_max"]},
+        {"check": "Δ‖W‖² vs η²‖∇W‖² (rel. diff.)", "eps0": M["norm_change_vs_second_order_eps0"],
+         "eps": M["norm_change_vs_second_order_eps"]},
+        {"check": "a·∇ℓ(aW) vs ∇ℓ(W), a = 3 (rel. diff.)", "eps0": M["scaled_weight_grad_rel"]},
+    ]
