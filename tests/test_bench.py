@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bnbook import bench, results
+from bnbook import bench, data, nets, results
 from bnbook.errors import BnbookError
 from bnbook.experiments import performance
 
@@ -53,7 +53,11 @@ def test_performance_appendix_result_file():
     cfg = performance.PerformanceConfig.from_params("smoke", device="cpu")
     res = results.cached("90-performance", cfg, performance.run)
     results.validate_result(res.record)
-    assert set(res.arrays) == {f"samples_{r['contender']}" for r in res.metrics["rows"]}
+    conv = {f"conv_samples_{r['net']}_{r['contender']}" for r in res.metrics["conv"]["rows"]}
+    assert set(res.arrays) == {f"samples_{r['contender']}" for r in res.metrics["rows"]} | conv
+    assert {r["net"] for r in res.metrics["conv"]["rows"]} == {"cnn", "resnet"}
+    assert all(r["images_per_s"] > 0 and 0 < r["fraction_of_conv_peak"] for r in res.metrics["conv"]["rows"])
+    assert set(performance.conv_gains(res)) == {"cnn", "resnet"}
     assert np.all(res.arrays["samples_tutorial"] > 0)
     fig = performance.figure(res)
     assert len(fig.axes[0].patches) == len(res.metrics["rows"])
@@ -70,5 +74,24 @@ def test_default_threads_contenders_are_labelled():
     # the headline takes each side at its best thread count
     assert out["best_engine"] == max(("engine_k2", "engine_k2_all"), key=out["best"].get)
     assert out["best_tutorial"] == max(("tutorial", "tutorial_all"), key=out["best"].get)
-    assert performance.label("engine_k2_all") == "engine, 2 models stacked, default threads"
+    assert performance.label("engine_k2_all") == "engine, 2 models at once, default threads"
     assert performance.label("tutorial_all") == "tutorial loop, default threads"
+
+
+@pytest.mark.parametrize("net", ["cnn", "resnet"])
+def test_conv_flops_match_torch_flop_counter(net):
+    model = nets.SmallCNN(1, 10, seed=0) if net == "cnn" else nets.ResNet(8, in_channels=3, seed=0)
+    x = torch.randn(4, 1, 28, 28) if net == "cnn" else torch.randn(4, 3, 32, 32)
+    y = torch.randint(0, 10, (4,))
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert bench.conv_flops_per_step(model, x) == counter.get_total_flops()
+
+
+def test_fit_timing_excludes_the_warm_up():
+    ds = data.load("mnist5k").flat()
+    models = [nets.MLP(784, norm="bn", seed=s) for s in range(2)]
+    rate = bench.time_fit(models, ds, 60, steps=5, warmup=2)
+    assert rate > 0
+    with pytest.raises(BnbookError, match="warmup"):
+        bench.ConvBenchSettings(warmup=0)

@@ -50,8 +50,8 @@ class BenchSettings:
     all_threads_too: bool = False  # also time the tutorial and the largest stack with torch's default threads
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.repeats < 1 or not self.stacks or min(self.stacks) < 1:
-            raise BnbookError("BenchSettings: steps, repeats and every stack size must be positive")
+        if self.steps < 1 or self.warmup < 1 or self.repeats < 1 or not self.stacks or min(self.stacks) < 1:
+            raise BnbookError("BenchSettings: steps, warmup, repeats and every stack size must be positive")
 
 
 def flops_per_model_step(sizes: tuple[int, ...], batch_size: int) -> int:
@@ -132,12 +132,21 @@ def time_plain_loop(
 
 def time_fit(models: list[nn.Module], ds: data.Dataset, batch_size: int, steps: int, warmup: int,
              seed: int = 0, stack: bool = True) -> float:
-    """Model-steps per second of :func:`bnbook.train.fit` training ``models`` at once (evaluation excluded)."""
+    """Model-steps per second of :func:`bnbook.train.fit` training ``models`` at once, timed by two step
+    hooks between the end of update ``warmup`` and the end of update ``warmup + steps`` (as the tutorial loop is)."""
     cfg = train.FitConfig(steps=warmup + steps, batch_size=batch_size, lr=0.1, log_every=warmup + steps,
                           stack=stack, probe_size=1)
     small_test = dataclasses.replace(ds, x_test=ds.x_test[:1], y_test=ds.y_test[:1])
-    res = train.fit(models, small_test, cfg, seeds=range(seed, seed + len(models)))
-    return res.model_steps_per_s
+    device = ds.x_train.device
+
+    def clock(_ctx: train.StepContext) -> float:
+        sync(device)
+        return time.perf_counter()
+
+    hook = train.StepHook(clock, at=(warmup, warmup + steps), when="after", mutates=True)
+    res = train.fit(models, small_test, cfg, seeds=range(seed, seed + len(models)), hooks={"clock": hook})
+    t0, t1 = res.hooks["clock"]["values"]
+    return len(models) * steps / (t1 - t0)
 
 
 def time_engine(s: BenchSettings, ds: data.Dataset, k: int, stack: bool = True, seed: int = 0) -> float:
@@ -255,31 +264,32 @@ class ConvBenchSettings:
     threads: int | None = None  # CPU threads (None: torch's default; convolutions use them well)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.repeats < 1 or not self.seeds or min(self.seeds) < 1:
-            raise BnbookError("ConvBenchSettings: steps, repeats and every number of seeds must be positive")
+        if self.steps < 1 or self.warmup < 1 or self.repeats < 1 or not self.seeds or min(self.seeds) < 1:
+            raise BnbookError("ConvBenchSettings: steps, warmup, repeats and every number of seeds must be positive")
 
 
 def conv_flops_per_step(model: nn.Module, x: Tensor) -> int:
     """FLOPs of the convolutions and linear layers of one training step of ``model`` on batch ``x``:
-    the forward products counted with hooks, times 3 (forward, input gradients, weight gradients)."""
+    each layer's forward product counted with a hook, once more for its weight gradient, and once more for
+    its input gradient where the input needs one (not the first layer's: the data needs no gradient)."""
     total = 0
 
-    def count(mod: nn.Module, _inp, out: Tensor) -> None:
+    def count(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
         nonlocal total
         if isinstance(mod, nn.Conv2d):
-            per_output = 2 * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-            total += per_output * out.numel()
-        elif isinstance(mod, nn.Linear):
-            total += 2 * mod.in_features * out.numel()
+            forward = 2 * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1] * out.numel()
+        else:
+            forward = 2 * mod.in_features * out.numel()
+        total += forward * (3 if inp[0].requires_grad else 2)
 
     handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        with torch.no_grad():
+        with train.no_side_effects(model):
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return 3 * total
+    return total
 
 
 def conv_gflops(device: torch.device, repeats: int = 5) -> float:
