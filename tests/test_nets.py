@@ -249,10 +249,10 @@ def test_resnet_shapes_init_and_norm_positions() -> None:
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 7)
     gammas = torch.cat([m.weight.detach() for m in net.modules() if isinstance(m, norms.BatchNorm)])
     assert gammas.min() >= 0 and gammas.max() < 1 and 0.35 < float(gammas.mean()) < 0.65  # U[0, 1)
-    assert all(float(m.bias.abs().max()) == 0 for m in net.modules() if isinstance(m, norms.BatchNorm))
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in net.modules() if isinstance(m, norms.BatchNorm))
     ones = nets.ResNet(20, 8, gamma_init="one", seed=1)
     assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in ones.modules() if isinstance(m, norms.BatchNorm))
-    big = nets.ResNet(8, 64, seed=0).blocks[0].conv2.weight  # Kaiming normal: std √(2 / (64·9))
+    big = nets.ResNet(8, 64, seed=0).blocks[0].conv2.weight.detach()  # Kaiming normal: std √(2 / (64·9))
     assert abs(float(big.std()) - math.sqrt(2 / (64 * 9))) < 0.02 * math.sqrt(2 / (64 * 9))
     w, d = 8, 3
     channels = lambda m: sum(n.num_features for n in m.modules() if isinstance(n, norms.BatchNorm))  # noqa: E731

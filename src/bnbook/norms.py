@@ -32,6 +32,13 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
 
 
+@torch.no_grad()
+def _ema_(running: Tensor, new: Tensor, factor: Tensor | float) -> None:
+    """running ← (1 − f)·running + f·new in place: PyTorch BN's order of operations (and, unlike
+    ``lerp_``, batched by ``torch.func.vmap``); ``new`` is cast to the buffer's dtype (fp32 under autocast)."""
+    running.mul_(1 - factor).add_(new.to(running.dtype) * factor)
+
+
 def reduce_dims(x: Tensor) -> list[int]:
     """The dimensions BN averages over: all but the feature/channel dimension 1."""
     if x.dim() < 2:
@@ -174,7 +181,6 @@ class BatchNorm(nn.Module):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, m: int) -> None:
-        mean, var = mean.to(self.running_mean.dtype), var.to(self.running_var.dtype)
         self.num_batches_tracked.add_(1)
         # momentum weights the *new* batch; None means the cumulative average 1/k.
         # (kept as a tensor so that a CUDA step never waits on the host)
@@ -182,9 +188,8 @@ class BatchNorm(nn.Module):
             factor: Tensor | float = 1.0 / self.num_batches_tracked.to(mean.dtype)
         else:
             factor = self.momentum
-        # (1 − f)·running + f·new, PyTorch's order of operations (and, unlike lerp_, batched by vmap)
-        self.running_mean.mul_(1 - factor).add_(mean * factor)
-        self.running_var.mul_(1 - factor).add_(var * (m / (m - 1)) * factor)  # stores the unbiased variance
+        _ema_(self.running_mean, mean, factor)
+        _ema_(self.running_var, var * (m / (m - 1)), factor)  # stores the unbiased variance
 
     def extra_repr(self) -> str:
         return (
@@ -466,8 +471,8 @@ class BatchRenorm(nn.Module):
                 r = (std / self.running_std).clamp(1 / r_max, r_max)
                 d = ((mean - self.running_mean) / self.running_std).clamp(-d_max, d_max)
                 self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                self.running_std.lerp_(std.to(self.running_std.dtype), self.momentum)
+                _ema_(self.running_mean, mean, self.momentum)
+                _ema_(self.running_std, std, self.momentum)
             x_hat = (x - _per_channel(mean, x)) / _per_channel(std, x) * _per_channel(r, x) + _per_channel(d, x)
         if self.affine:
             x_hat = x_hat * _per_channel(self.weight, x) + _per_channel(self.bias, x)
@@ -670,8 +675,8 @@ class LpBatchNorm(nn.Module):
             scale = self.batch_scale(x, mean)
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.running_scale.lerp_(scale.detach().to(self.running_scale.dtype), self.momentum)
+                _ema_(self.running_mean, mean.detach(), self.momentum)
+                _ema_(self.running_scale, scale.detach(), self.momentum)
         else:
             mean, scale = self.running_mean, self.running_scale
         x_hat = (x - _per_channel(mean, x)) / _per_channel(scale + self.eps, x)
