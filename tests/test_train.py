@@ -443,3 +443,13 @@ def test_log_steps():
     assert train.FitConfig(steps=250, log_every=100, log_at=(5, 100)).log_steps().tolist() == [0, 5, 100, 200, 250]
     with pytest.raises(BnbookError, match="log_at"):
         train.FitConfig(steps=10, log_at=(11,))
+
+
+def test_compiled_forward_gives_the_same_numbers(mnist):
+    ds = mnist.subset(256, 64)
+    runs = []
+    for compile_ in (False, True):
+        models = [nets.MLP(784, (16,), norm="bn", seed=s) for s in (0, 1)]
+        cfg = train.FitConfig(steps=5, batch_size=32, log_every=5, stack=False, compile=compile_)
+        runs.append(train.fit(models, ds, cfg).test_loss)
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
