@@ -104,11 +104,18 @@ class ModelBatch(nn.Module):
 
     def trainable(self) -> list[Tensor]:
         """The stacked tensors the optimiser updates."""
-        raise NotImplementedError
+        return [t for _, t in self.named_trainable()]
 
     def named_trainable(self) -> list[tuple[str, Tensor]]:
         """(model parameter name, stacked tensor) of every trainable tensor."""
-        raise NotImplementedError
+        return [(n, t) for n, t in self.stacked_params.items() if t.requires_grad]
+
+    def train(self, mode: bool = True) -> ModelBatch:
+        """Training or inference mode for the batch and for every model (their norms follow it)."""
+        super().train(mode)
+        for m in getattr(self, "_models", []):
+            m.train(mode)
+        return self
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -172,17 +179,9 @@ class VmapBatch(ModelBatch):
         self._collect_masks(models, self.stacked_params, lambda n, t, k: t[k])
         self._models = list(models)
 
-    def trainable(self) -> list[Tensor]:
-        return [t for t in self.stacked_params.values() if t.requires_grad]
-
-    def named_trainable(self) -> list[tuple[str, Tensor]]:
-        return [(n, t) for n, t in self.stacked_params.items() if t.requires_grad]
-
     def train(self, mode: bool = True) -> VmapBatch:
         super().train(mode)
         self._base.train(mode)
-        for m in getattr(self, "_models", []):
-            m.train(mode)
         return self
 
     def _call(self, x: Tensor, shared: bool) -> Tensor:
@@ -284,18 +283,6 @@ class StackedMLP(ModelBatch):
         self._bind(models, stacked, view)
         self._collect_masks(models, self.stacked_params, view)
         self._models = list(models)
-
-    def trainable(self) -> list[Tensor]:
-        return [t for t in self.stacked_params.values() if t.requires_grad]
-
-    def named_trainable(self) -> list[tuple[str, Tensor]]:
-        return [(n, t) for n, t in self.stacked_params.items() if t.requires_grad]
-
-    def train(self, mode: bool = True) -> StackedMLP:
-        super().train(mode)
-        for m in getattr(self, "_models", []):
-            m.train(mode)
-        return self
 
     def _p(self, name: str) -> Tensor | None:
         return self.stacked_params.get(name, self.stacked_buffers.get(name))
