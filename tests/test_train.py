@@ -151,6 +151,7 @@ def test_norm_specs_and_batching_rules():
     assert sig(nets.MLP(4, (3,), norm=nn.LayerNorm)) is None  # runs on the general path
     assert isinstance(batching.batch_models([nets.MLP(4, (3,), norm=nn.LayerNorm)]), batching.VmapBatch)
     assert isinstance(batching.batch_models([nets.MLP(4, (3,))], fast=False), batching.VmapBatch)
+    assert sig(nets.MLP(4, (3,), norm="ws+bn")) is None  # the stacked path has no weight standardisation
     with pytest.raises(BnbookError, match="one architecture"):
         batching.batch_models([nets.MLP(4, (3,)), nets.MLP(4, (5,))])
     with pytest.raises(BnbookError, match="unknown norm"):

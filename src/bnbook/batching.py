@@ -162,7 +162,10 @@ class VmapBatch(ModelBatch):
     """Any K models of one architecture, run with ``torch.func.vmap`` over their stacked state.
 
     Random draws inside the models (noisy BN, dropout) differ between models
-    (``randomness="different"``). Inputs shared by all models (evaluation) are not copied K times.
+    (``randomness="different"``); they come from the global generator, so a run is reproducible
+    from its seed, but a model with random layers does not draw the same noise trained beside
+    others as trained alone (deterministic models give identical numbers either way). Inputs
+    shared by all models (evaluation) are not copied K times.
     """
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
@@ -215,8 +218,8 @@ def _stackable_bn(module: nn.Module) -> bool:
 
 def stack_signature(model: nn.Module) -> tuple | None:
     """A key equal for MLPs that :class:`StackedMLP` can run together, ``None`` if ``model`` can't be stacked."""
-    if type(model) is not MLP:
-        return None
+    if type(model) is not MLP or any(type(lin) is not nn.Linear for lin in (*model.linears, model.readout)):
+        return None  # weight-standardised (or otherwise special) layers run on the general path
     kinds = []
     for n in model.norms:
         if isinstance(n, nn.Identity):
