@@ -605,7 +605,7 @@ def _glass() -> Table:
         raise DatasetError(
             f"{path} is not the UCI Glass data: rows per type 1-7 are {counts}, expected {GLASS_CLASS_COUNTS}"
         )
-    return dataclasses.replace(table, description=f"UCI Glass Identification data, {len(table.y)} rows (from {path})")
+    return dataclasses.replace(table, description=f"UCI Glass Identification data, {len(table.y)} rows (mlbench's Glass.rda)")
 
 
 def _bng_glass() -> Table:
