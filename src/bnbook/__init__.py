@@ -15,10 +15,16 @@ Modules (one responsibility each):
 - :mod:`bnbook.bench`   -- the engine benchmark against a plain PyTorch loop
 - :mod:`bnbook.theory`  -- both sides of Santurkar et al.'s theorems, measured on layers
 - :mod:`bnbook.run`     -- the ``bnbook`` command: runs chapters, builds the book
+- :mod:`bnbook.publish` -- citation metadata, runnable chapter downloads, the PDF edition
+- :mod:`bnbook.sphinx_ext` -- the book's Sphinx extension: version footer, alt text, downloads
 - :mod:`bnbook.experiments` -- one module per chapter: its config and experiment
 """
 
 from bnbook.errors import BnbookError
 
 __all__ = ["BnbookError"]
+
+# The book's one version string: pyproject.toml reads it, the site shows it on every page, and
+# CITATION.cff and the BibTeX entry carry it (bnbook.publish). Bump RELEASE_DATE with it.
 __version__ = "0.1.0"
+RELEASE_DATE = "2026-11-24"

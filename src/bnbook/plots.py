@@ -1,7 +1,11 @@
-"""The book's figure style and figure saving (PNG at 150 dpi, beside the raw arrays)."""
+"""The book's figure style, figure saving (PNG at 150 dpi, beside the raw arrays) and the
+text alternative of every figure (:func:`describe`), which travels inside the PNG itself."""
 
 from __future__ import annotations
 
+import io
+import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,9 +30,158 @@ def setup_style() -> None:
 
 
 def save(fig: Figure, result: Result | Path, name: str) -> Path:
-    """Save ``fig`` as ``<name>.png`` in the result folder (beside ``arrays.npz``) and return the path."""
+    """Save ``fig`` as ``<name>.png`` in the result folder (beside ``arrays.npz``) and return the path.
+
+    The PNG carries :func:`describe`'s text alternative in its ``Description`` field.
+    """
     folder = result if isinstance(result, Path) else result.dir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    path.write_bytes(png_bytes(fig, describe(fig)))
     return path
+
+
+# ------------------------------------------------------------------ text alternatives
+ALT_KEY = "Description"
+"""The PNG text field that holds a figure's alt text (a registered PNG keyword). The book's
+Sphinx extension (:mod:`bnbook.sphinx_ext`) reads it back into the ``alt`` of the page's ``<img>``."""
+
+_TEX_SYMBOLS = {
+    "alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "Delta": "Δ", "epsilon": "ε",
+    "varepsilon": "ε", "eta": "η", "theta": "θ", "kappa": "κ", "lambda": "λ", "mu": "μ",
+    "nu": "ν", "pi": "π", "rho": "ρ", "sigma": "σ", "Sigma": "Σ", "tau": "τ", "phi": "φ",
+    "chi": "χ", "psi": "ψ", "omega": "ω", "ell": "ℓ", "nabla": "∇", "partial": "∂",
+    "infty": "∞", "times": "×", "cdot": "·", "pm": "±", "approx": "≈", "le": "≤", "leq": "≤",
+    "ge": "≥", "geq": "≥", "ne": "≠", "neq": "≠", "to": "→", "rightarrow": "→", "sim": "∼",
+    "in": "∈", "sqrt": "√", "log": "log", "exp": "exp", "max": "max", "min": "min",
+}
+_SUPERSCRIPTS = str.maketrans("0123456789-+", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺")
+_SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def plain_text(label: str) -> str:
+    """``label`` with matplotlib's TeX (``$\\gamma/s$``, ``$10^{-3}$``) turned into readable text."""
+
+    def math(match: re.Match[str]) -> str:
+        tex = match.group(1)
+        tex = re.sub(r"\\(?:mathdefault|mathrm|mathbf|mathcal|mathit|operatorname|text|hat|tilde|bar|left|right)\s*",
+                     "", tex)
+        tex = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", tex)
+        tex = re.sub(r"\^(?:\{([0-9+\-]+)\}|([0-9]))", lambda m: (m.group(1) or m.group(2)).translate(_SUPERSCRIPTS), tex)
+        tex = re.sub(r"_(?:\{([0-9]+)\}|([0-9]))", lambda m: (m.group(1) or m.group(2)).translate(_SUBSCRIPTS), tex)
+        tex = tex.replace(r"\|", "‖")
+        tex = re.sub(r"\\([A-Za-z]+)", lambda m: _TEX_SYMBOLS.get(m.group(1), m.group(1)), tex)
+        tex = re.sub(r"\\[,;:! ]", " ", tex)
+        tex = tex.replace("{", "").replace("}", "").replace("^", "").replace("_", "")
+        return tex
+
+    text = re.sub(r"\$([^$]*)\$", math, label)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _range(lo: float, hi: float) -> str:
+    return f"from {min(lo, hi):.3g} to {max(lo, hi):.3g}"
+
+
+def _axis(ax, which: str) -> str:
+    label = plain_text(getattr(ax, f"get_{which}label")())
+    scale = getattr(ax, f"get_{which}scale")()
+    lo, hi = getattr(ax.dataLim, f"interval{which}")  # the data's extent, not the padded view
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo == hi:
+        lo, hi = getattr(ax, f"get_{which}lim")()
+    ticks = [plain_text(t.get_text()) for t in getattr(ax, f"get_{which}ticklabels")()]
+    ticks = [t for t in ticks if t]
+    span = _range(lo, hi)
+    if any(re.search(r"[A-DF-Za-df-z]", t) for t in ticks):
+        span = "categories " + ", ".join(ticks)  # named ticks (e.g. methods) say more than a range
+    kind = "log " if scale == "log" else ""
+    if ax.images and span.startswith("from"):
+        span = ""  # a heat map's axes index its cells: the shape says it
+    if not (label or span):
+        return ""
+    return (f"{which} {kind}axis" + (f" '{label}'" if label else "") + (f" {span}" if span else "")).strip()
+
+
+def _marks(ax) -> str:
+    """What an Axes draws: heat map, lines, points, bars, bands."""
+    from matplotlib.collections import PathCollection, PolyCollection
+    from matplotlib.patches import Rectangle
+
+    kinds = []
+    for image in ax.images:
+        shape = image.get_array().shape
+        kinds.append(f"heat map of {shape[0]}×{shape[1]} cells" if len(shape) == 2 else "image")
+    lines = [ln for ln in ax.lines if len(ln.get_xdata()) > 2 or ln.get_label()[:1] != "_"]
+    if lines:
+        kinds.append(f"{len(lines)} line{'s' if len(lines) > 1 else ''}")
+    if any(isinstance(c, PathCollection) for c in ax.collections):
+        kinds.append("points")
+    if any(isinstance(c, PolyCollection) for c in ax.collections):
+        kinds.append("shaded bands")
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    if bars:
+        kinds.append(f"{len(bars)} bars")
+    return ", ".join(kinds) or "empty panel"
+
+
+def describe(fig: Figure) -> str:
+    """A text alternative for ``fig``, read from what it draws.
+
+    For each panel: its title, what it draws (heat map, lines, points, bars), its axes with
+    label, scale and range (or category names; an axis common to all panels is named once) and
+    its legend entries; then each colour bar's label and range. Written into the PNG by
+    :func:`save` and :func:`bnbook.report.glue_figure`, so the alt text comes from the same
+    labels as the figure and cannot drift from it.
+    """
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>" and ax.get_visible()]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    parts = []
+    suptitle = getattr(fig, "_suptitle", None)
+    if suptitle is not None and suptitle.get_text():
+        parts.append(plain_text(suptitle.get_text()) + ".")
+    n = len(axes)
+    parts.append(f"Figure with {n} panel{'s' if n != 1 else ''}." if n != 1 else "Chart.")
+    shared = {}  # an axis described the same way in every panel is described once
+    for which in ("x", "y"):
+        texts = {_axis(ax, which) for ax in axes}
+        if n > 1 and len(texts) == 1:
+            shared[which] = texts.pop()
+    if any(shared.values()):
+        parts.append("All panels: " + "; ".join(t for t in shared.values() if t) + ".")
+    for i, ax in enumerate(axes, 1):
+        title = plain_text(ax.get_title() or ax.get_title("left") or ax.get_title("right"))
+        head = (f"Panel {i}" if n > 1 else "") + (f" '{title}'" if title else "")
+        text = (head.strip() + ": " if head.strip() else "") + _marks(ax)
+        for which in ("x", "y"):
+            if which not in shared and _axis(ax, which):
+                text += "; " + _axis(ax, which)
+        legend = ax.get_legend()
+        if legend is not None:
+            entries = [plain_text(t.get_text()) for t in legend.get_texts() if t.get_text()]
+            if entries:
+                text += "; legend: " + ", ".join(entries)
+        parts.append(text + ".")
+    for cb in bars:
+        label = plain_text(cb.get_ylabel() or cb.get_xlabel())
+        lo, hi = cb.get_ylim() if cb.get_ylim() != (0.0, 1.0) else cb.get_xlim()
+        parts.append("Colour bar" + (f" '{label}'" if label else "") + f" {_range(lo, hi)}.")
+    legends = [lg for lg in fig.legends if lg.get_texts()]
+    for lg in legends:
+        parts.append("Legend: " + ", ".join(plain_text(t.get_text()) for t in lg.get_texts()) + ".")
+    return " ".join(parts)
+
+
+def png_bytes(fig: Figure, description: str) -> bytes:
+    """``fig`` as PNG bytes (150 dpi, tight box) with ``description`` in the PNG's alt-text field."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={ALT_KEY: description})
+    return buf.getvalue()
+
+
+def read_description(png: bytes | Path) -> str | None:
+    """The alt text stored in a PNG by :func:`png_bytes`, or ``None``."""
+    from PIL import Image
+
+    source = io.BytesIO(png) if isinstance(png, bytes) else png
+    with Image.open(source) as image:
+        return image.text.get(ALT_KEY) if hasattr(image, "text") else None

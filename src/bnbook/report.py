@@ -114,13 +114,22 @@ def provenance(result: Result | Sequence[Result]) -> str:
     return "; ".join(parts) + "."
 
 
-def glue_figure(name: str, fig: Any) -> None:
+def glue_figure(name: str, fig: Any, alt: str | None = None) -> None:
     """Store ``fig`` under ``name`` for a numbered ``{glue:figure}`` with a caption, and close it.
 
-    Closing keeps the inline backend from showing the figure a second time in the cell's output.
+    The alt text is ``alt`` (a sentence saying what the figure shows, optional) followed by
+    :func:`bnbook.plots.describe` (its panels, axes, ranges and legends, read from the figure).
+    It is written into the glued PNG itself, from which the book's Sphinx extension sets the
+    page's ``<img alt>``; a ``:alt:`` option on the ``{glue:figure}`` directive is put in front.
+    Closing keeps the inline backend from showing the figure a second time in the cell's output
+    (and nothing is returned, so a last-line call shows nothing either).
     """
     import matplotlib.pyplot as plt
+    from IPython.display import Image
     from myst_nb import glue as _glue
 
-    _glue(name, fig, display=False)
+    from bnbook.plots import describe, png_bytes
+
+    text = " ".join(part.strip() for part in (alt or "", describe(fig)) if part.strip())
+    _glue(name, Image(data=png_bytes(fig, text), format="png"), display=False)
     plt.close(fig)
