@@ -1,0 +1,61 @@
+"""bnbook.sweep: a grid of cached units, dispatched through submitit's local executor."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bnbook import sweep
+from sweep_toy import toy_compute, toy_units
+
+
+@pytest.fixture()
+def results_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNBOOK_RESULTS_DIR", str(tmp_path / "results"))
+    here = str(Path(__file__).parent)  # the jobs import the toy grid from this folder
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    return tmp_path
+
+
+def test_local_sweep_equals_in_process_run_and_is_idempotent(results_tmp):
+    units = toy_units()
+    assert [r["cached"] for r in sweep.plan(units)] == [False] * 3
+    ex = sweep.make_executor("local", results_tmp / "logs", timeout_min=5)
+    report = sweep.sweep(units, ex, echo=lambda _msg: None)
+    assert report.ok and report.submitted == ["x=1", "x=2", "x=3"] and report.skipped == []
+    swept = [u.cached() for u in units]
+    assert all(r is not None for r in swept)
+    # what the chapter's own run computes in-process: same keys, same numbers
+    local = sweep.compute_all(units)
+    assert all(r.reused for r in local)  # nothing was recomputed
+    for a, b in zip(swept, local):
+        assert a.record["key"] == b.record["key"]
+    for u, r in zip(units, swept):
+        expected = toy_compute(u.config, torch.device("cpu"))
+        np.testing.assert_array_equal(r.arrays["values"], expected.arrays["values"])
+        assert r.metrics["sum"] == pytest.approx(expected.metrics["sum"])
+    again = sweep.sweep(units, ex, echo=lambda _msg: None)
+    assert again.submitted == [] and again.skipped == ["x=1", "x=2", "x=3"]
+    assert all(r["cached"] for r in sweep.plan(units))
+
+
+def test_a_failing_unit_is_reported_and_the_others_land(results_tmp):
+    units = toy_units((4, 99, 5))
+    ex = sweep.make_executor("local", results_tmp / "logs", timeout_min=5)
+    report = sweep.sweep(units, ex, max_parallel=2, echo=lambda _msg: None)
+    assert not report.ok and [f["label"] for f in report.failed] == ["x=99"]
+    assert "broken on purpose" in report.failed[0]["error"] and report.failed[0]["log"]
+    assert units[0].cached() is not None and units[2].cached() is not None and units[1].cached() is None
+    retry = sweep.sweep(units, ex, echo=lambda _msg: None)
+    assert retry.submitted == ["x=99"]  # only what is missing is resubmitted
+
+
+def test_unknown_executor_is_named(results_tmp):
+    from bnbook.errors import BnbookError
+
+    with pytest.raises(BnbookError, match="unknown executor"):
+        sweep.make_executor("kubernetes", results_tmp)
