@@ -513,7 +513,9 @@ def plot_jacobians(res: Result) -> Figure:
     # largest off-diagonal entry of the training-mode Jacobian, so the diagonal saturates.
     off = ~np.eye(len(a["jac_autograd"]), dtype=bool)
     vmax = float(np.abs(a["jac_autograd"][off]).max()) or 1.0
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.9), constrained_layout=True)
+    # A 2×2 grid, not a row of four: at the book's column width its labels stay readable.
+    fig, axes = plt.subplots(2, 2, figsize=(8.6, 7.4), constrained_layout=True)
+    axes = axes.ravel()
     for i, (ax, (mat, title)) in enumerate(zip(axes, panels)):
         lim = (float(np.abs(mat).max()) or 1.0) if i == 2 else vmax
         im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim)
@@ -524,7 +526,8 @@ def plot_jacobians(res: Result) -> Figure:
         ax.grid(False)
         if i in (2, 3):
             fig.colorbar(im, ax=ax, shrink=0.8, format="%.1e" if i == 2 else "%.2f")
-    axes[0].set_ylabel("output example $i$")
+    for ax in axes[::2]:
+        ax.set_ylabel("output example $i$")
     fig.colorbar(axes[0].images[0], ax=axes[:2], shrink=0.8)
     return fig
 
