@@ -9,16 +9,18 @@ PROFILE ?= quick
 DEVICE  ?= auto
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.bnbook-installed
-DEBIAN_PACKAGES := chromium dataset-fashion-mnist
+DEBIAN_PACKAGES := chromium dataset-fashion-mnist poppler-utils
 GLASS_RDA := data/glass/Glass.rda
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: book test setup debian clean-book help lock
+.PHONY: book test setup debian clean-book help lock pdf screenshots
 
 help:
 	@echo "make book   - run every chapter (PROFILE=$(PROFILE), DEVICE=$(DEVICE)) and build _build/html"
 	@echo "make test   - run the test suite"
 	@echo "make setup  - create $(VENV) from requirements.lock and install Debian packages"
+	@echo "make pdf    - the whole book as one PDF (_build/pdf/bnbook.pdf), offered by the rebuilt site"
+	@echo "make screenshots - every page at 400 px, light and dark, into _build/screenshots"
 
 book: setup
 	$(BIN)/bnbook run --profile $(PROFILE) --device $(DEVICE)
@@ -26,6 +28,17 @@ book: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The PDF edition: a single-page build printed by headless Chromium once MathJax has typeset every
+# formula (checked with pdftotext), then the site is rebuilt so that its download menu offers it.
+pdf: setup
+	$(BIN)/bnbook run --profile $(PROFILE) --device $(DEVICE)
+	$(BIN)/python -m bnbook.publish pdf
+	$(BIN)/bnbook build
+
+# Look at the built site as a phone and a dark-mode reader see it; lists layout problems.
+screenshots: setup
+	$(BIN)/python -m bnbook.pagecheck _build/html --out _build/screenshots
 
 setup: $(STAMP) debian $(GLASS_RDA)
 
@@ -36,7 +49,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
-# Debian packages: Chromium (headless page checks) and the offline Fashion-MNIST dataset.
+# Debian packages: Chromium (headless page checks, the PDF edition), the offline Fashion-MNIST dataset,
+# poppler-utils (pdfinfo/pdftotext check the PDF).
 debian:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
