@@ -4,6 +4,7 @@ PDF edition are checked in tests/test_book.py, on its smoke build.)"""
 
 import dataclasses
 import datetime as dt
+import re
 import subprocess
 import sys
 import tomllib
@@ -200,3 +201,13 @@ def test_pdf_checks_catch_raw_math_and_missing_titles(tmp_path):
     for bad in ("$$x$$", r"\(x\)", r"\[x\]", r"\begin{align}"):
         assert publish.RAW_MATH.search(bad), bad
     assert not publish.RAW_MATH.search("y = γ x̂ + β, a price of $5")
+
+
+def test_readme_layout_names_only_modules_that_exist():
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `src/bnbook/` |"))
+    named = set(re.findall(r"`([a-z_]+)`", row)) - {"bnbook"}  # `bnbook` is the command
+    assert named, row
+    package = ROOT / "src" / "bnbook"
+    missing = sorted(n for n in named if not (package / f"{n}.py").exists() and not (package / n).is_dir())
+    assert not missing, f"README names modules that do not exist: {missing}"
