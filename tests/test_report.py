@@ -17,3 +17,22 @@ def test_markdown_table_escapes_pipes_and_keeps_column_count():
     assert lines[0] == "| max \\|d\\| | B |" and lines[1] == "|---|---|"
     assert lines[2] == "| \\|x\\| | 0.50 |" and lines[3] == "| y | — |"
     assert all(line.replace("\\|", "").count("|") == 3 for line in lines)
+
+
+def test_seed_band_draws_mean_and_range_and_skips_nan():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from bnbook import plots
+
+    fig, ax = plt.subplots()
+    values = np.array([[1.0, 3.0], [2.0, np.nan], [np.nan, np.nan]])
+    line = plots.seed_band(ax, [0, 1, 2], values, "C0", "bn")
+    y = line.get_ydata()
+    assert y[0] == 2.0 and y[1] == 2.0 and np.isnan(y[2])
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == 1.0 and band[:, 1].max() == 3.0
+    plt.close(fig)

@@ -41,6 +41,38 @@ def save(fig: Figure, result: Result | Path, name: str) -> Path:
     return path
 
 
+def seed_band(ax, x, values, color: str, label: str | None = None, *, band: str = "range",
+              alpha: float = 0.18, **line):
+    """Plot the mean over seeds of ``values`` (points, seeds) as a line with a band, and return the line.
+
+    ``band``: ``"range"`` (min to max over seeds: every run lies inside) or ``"sd"`` (± one standard
+    deviation). NaN entries (diverged runs) are ignored; a column of NaN leaves a gap. The one
+    seed-band helper of the book, so every figure draws its seeds the same way.
+    """
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if v.ndim == 1:
+        v = v[:, None]
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: a gap, not a warning
+            mean = np.nanmean(v, 1)
+            if band == "sd":
+                sd = np.nanstd(v, 1)
+                lo, hi = mean - sd, mean + sd
+            elif band == "range":
+                lo, hi = np.nanmin(v, 1), np.nanmax(v, 1)
+            else:
+                raise ValueError(f"unknown band {band!r}: use 'range' or 'sd'")
+    (handle,) = ax.plot(x, mean, color=color, label=label, **line)
+    if v.shape[1] > 1:
+        ax.fill_between(x, lo, hi, color=color, alpha=alpha, lw=0)
+    return handle
+
+
 # ------------------------------------------------------------------ text alternatives
 ALT_KEY = "Description"
 """The PNG text field that holds a figure's alt text (a registered PNG keyword). The book's
