@@ -58,7 +58,7 @@ debian:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-# The UCI Glass data (chapter 3b) is R data in the Debian package r-cran-mlbench. Installing that
+# The UCI Glass data (chapter 9) is R data in the Debian package r-cran-mlbench. Installing that
 # package would pull in R itself, so only its .deb (1 MB, verified by apt) is downloaded and the one
 # file extracted; bnbook reads it with the Python package rdata.
 $(GLASS_RDA):

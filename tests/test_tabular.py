@@ -1,4 +1,4 @@
-"""Chapter 3b's experiment (bnbook.experiments.tabular): its measurements on small nets, its statistics,
+"""Chapter 9's experiment (bnbook.experiments.tabular): its measurements on small nets, its statistics,
 and a tiny end-to-end run on a generated table."""
 
 import socket

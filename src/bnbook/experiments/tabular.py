@@ -1,4 +1,4 @@
-"""Chapter 3b, BN on tabular data: chapter 3's sigmoid MLP on the Glass data, with and without
+"""Chapter 9, BN on tabular data (a companion to chapter 3): chapter 3's sigmoid MLP on the Glass data, with and without
 BN, with and without standardised inputs (the 2×2 design), over repeated stratified splits.
 
 Glass has 214 rows, so one train/test split says little: every number here is a mean over
