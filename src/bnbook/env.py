@@ -11,9 +11,10 @@ from typing import Any, Iterator
 
 import torch
 
+from bnbook.config import DEVICE_PATTERN
 from bnbook.errors import DeviceError
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE_RE = re.compile(rf"^({DEVICE_PATTERN})$")
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -106,3 +107,34 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA); a no-op on the CPU. Called only at timing points."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def package_list() -> list[str]:
+    """Every installed Python distribution as ``name==version``, sorted (like ``pip freeze``)."""
+    from importlib.metadata import distributions
+
+    found = {}
+    for dist in distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found[name.lower()] = f"{name}=={dist.version}"
+    return [found[k] for k in sorted(found)]
+
+
+def git_revision(root: str | os.PathLike[str]) -> dict[str, Any]:
+    """The git commit checked out at ``root`` and whether tracked files differ from it.
+
+    Returns ``{"commit": None, "modified": None}`` where there is no git or no repository.
+    """
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        modified = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "modified": None}
+    return {"commit": commit, "modified": modified}
