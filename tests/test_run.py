@@ -31,6 +31,8 @@ TOY = textwrap.dedent('''\
     ```
 
     ```{code-cell} ipython3
+    if False:  # seen by the runner's import scan (the toy's bnbook lives in the toy project)
+        from bnbook import mod
     assert steps != 13, "unlucky number of steps"
     print(profile, steps)
     ```
@@ -94,7 +96,11 @@ def test_incremental_runs_records_and_failures(project, capsys):
 
     assert cli("run", "01", "--profile", "smoke") == 0
     assert "01-toy: skipped" in capsys.readouterr().out
-    (project.root / "src" / "bnbook" / "mod.py").write_text("x = 2\n")  # library edit -> re-run
+    (project.root / "src" / "bnbook" / "other.py").write_text("y = 2\n")  # a module it doesn't import
+    (project.root / "src" / "bnbook" / "mod.py").write_text("x = 1  # a comment only\n")
+    assert cli("run", "01", "--profile", "smoke") == 0
+    assert "01-toy: skipped" in capsys.readouterr().out
+    (project.root / "src" / "bnbook" / "mod.py").write_text("x = 2\n")  # an imported module -> re-run
     assert cli("run", "01", "--profile", "smoke") == 0
     assert "01-toy: ran" in capsys.readouterr().out
     assert cli("run", "01", "--profile", "smoke", "--force") == 0

@@ -3,39 +3,60 @@
 ::
 
     bnbook run [CHAPTER ...] [--profile smoke|quick|paper] [--device auto|cpu|cuda[:N]]
-               [--seed N] [-p key=value ...] [--force] [--keep-going]
-    bnbook build
+               [--seed N] [-p key=value ...] [--force] [--recompute] [--keep-going]
+    bnbook build [--any-profile]
     bnbook status
+    bnbook --version
 
 A chapter is ``chapters/NN-slug.md`` (a MyST-Markdown notebook). ``run`` converts it with
-jupytext, executes it with papermill (parameters injected) and writes the executed
-notebook to ``book/chapters/NN-slug.ipynb``, with a run-record cell appended. A chapter
-is skipped when nothing it depends on changed: its source, the ``bnbook`` package source,
-its parameters, and the lock file. A failed chapter keeps its previously published
-notebook on disk but its record says "failed", and ``build`` refuses to publish it.
+jupytext, executes it with papermill (parameters injected) and publishes the executed
+notebook as ``book/chapters/NN-slug.ipynb`` with a run-record cell appended, together with
+its run record ``book/_records/NN-slug.json`` and the package list of that run: all three
+are written under unique temporary names and moved into place only after the chapter
+ran without error, so a failing or interrupted run never replaces a published page.
+
+A chapter is skipped when nothing it depends on changed. Its run key hashes the chapter
+source, the ``bnbook`` modules it imports (followed transitively), its parameters and
+``requirements.lock``; the key is stored in the executed notebook's metadata and in the
+run record, and both must agree. ``--force`` executes the notebook anyway (experiment
+results are still reused from the result cache when intact); ``--recompute`` also
+recomputes every experiment result (``$BNBOOK_RECOMPUTE=1`` in the kernel).
+
+Every ``-p`` value is checked against the chapter config field it feeds (type and range,
+see :mod:`bnbook.config`) before any chapter runs. ``build`` refuses a chapter that was
+never run, whose last run failed, or that changed since it ran (stale), and a book with
+smoke-profile or mixed-profile chapters unless ``--any-profile`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
+import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from bnbook.config import PROFILES, check_profile
+from bnbook.config import PROFILES, ChapterConfig, ParameterError, check_profile
 from bnbook.errors import BnbookError
 
 LOCK_FILE = "requirements.lock"
+NOTICE_PREFIX = "[bnbook] "
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when ``bnbook`` receives SIGTERM (so cleanup code runs)."""
 
 
 # ------------------------------------------------------------------ project layout
@@ -135,6 +156,102 @@ def select(chapters: Sequence[Chapter], names: Sequence[str]) -> list[Chapter]:
     return chosen
 
 
+# ------------------------------------------------------------------ the chapter's code
+def code_cells(nb: Any) -> list[ast.Module]:
+    """Syntax trees of the notebook's code cells (IPython ``%``/``!`` lines left out).
+
+    Raises ``SyntaxError`` if a cell is not Python.
+    """
+    trees = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        lines = [ln for ln in cell.source.splitlines() if not ln.lstrip().startswith(("%", "!"))]
+        trees.append(ast.parse("\n".join(lines)))
+    return trees
+
+
+def chapter_code_files(project: Project, nb: Any) -> list[Path]:
+    """The ``bnbook`` source files a chapter runs: the modules it imports, followed transitively.
+
+    A chapter whose cells cannot be parsed depends on the whole package.
+    """
+    from bnbook.results import import_closure, imported_modules
+
+    try:
+        trees = code_cells(nb)
+    except SyntaxError:
+        return sorted(project.package_dir.rglob("*.py"))
+    return import_closure(imported_modules(trees), project.package_dir)
+
+
+def config_binding(nb: Any) -> tuple[type[ChapterConfig] | None, dict[str, str]]:
+    """The chapter's config class and which notebook parameter feeds which config field.
+
+    Found in the chapter's call ``SomeConfig.from_params(profile, seed=seed, steps=steps, ...)``:
+    a parameter passed as the first argument feeds ``profile``, one passed as ``field=param``
+    feeds ``field``. ``(None, {})`` when the chapter has no such call (or it cannot be imported).
+    """
+    try:
+        trees = code_cells(nb)
+    except SyntaxError:
+        return None, {}
+    aliases: dict[str, str] = {}
+    calls: list[ast.Call] = []
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                for a in node.names:
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_params":
+                calls.append(node)
+    for call in calls:
+        cls = _resolve(_dotted(call.func.value), aliases)
+        if not (isinstance(cls, type) and issubclass(cls, ChapterConfig)):
+            continue
+        bound: dict[str, str] = {}
+        if call.args and isinstance(call.args[0], ast.Name):
+            bound[call.args[0].id] = "profile"
+        for kw in call.keywords:
+            if kw.arg and isinstance(kw.value, ast.Name):
+                bound[kw.value.id] = kw.arg
+        return cls, bound
+    return None, {}
+
+
+def _dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute) and (head := _dotted(node.value)):
+        return f"{head}.{node.attr}"
+    return None
+
+
+def _resolve(dotted: str | None, aliases: dict[str, str]) -> Any:
+    """Import what ``dotted`` names in the chapter (``ch.IoffeConfig`` → the class), or ``None``."""
+    if not dotted:
+        return None
+    head, _, rest = dotted.partition(".")
+    if head not in aliases:
+        return None
+    parts = (aliases[head] + ("." + rest if rest else "")).split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except Exception:  # an import error belongs to the chapter run, which reports it
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
 # ------------------------------------------------------------------ parameters
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     """Parse ``-p key=value`` items; values are Python literals, else plain strings."""
@@ -146,7 +263,7 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
             raise BnbookError(f"malformed parameter {item!r}: expected key=value, e.g. -p steps=1000")
         try:
             value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             value = raw.strip()
         params[key] = value
     return params
@@ -168,15 +285,37 @@ def notebook_parameters(nb: Any) -> dict[str, Any]:
     return found
 
 
-def check_parameters(chapter: Chapter, declared: dict[str, Any], given: dict[str, Any]) -> None:
-    """Raise if a given parameter is unknown or its type differs from the declared default's."""
+def check_parameters(
+    chapter: Chapter,
+    declared: dict[str, Any],
+    given: dict[str, Any],
+    binding: tuple[type[ChapterConfig] | None, dict[str, str]] = (None, {}),
+) -> dict[str, Any]:
+    """Return the given parameters converted to their config fields' types, or raise.
+
+    A parameter that feeds a config field (see :func:`config_binding`) is checked against
+    that field's type and range (:mod:`bnbook.config`); the others must match the type of
+    their non-``None`` default. The whole config is then built once, so a check in the
+    config class itself also runs before any notebook does.
+    """
+    cls, bound = binding
+    checked: dict[str, Any] = {}
     for key, value in given.items():
         if key not in declared:
             raise BnbookError(
                 f"unknown parameter {key!r} for chapter {chapter.name}; "
                 f"its parameters are: {', '.join(declared)}"
             )
+        if cls is not None and key in bound:
+            try:
+                checked[key] = cls.check_param(bound[key], value)
+            except ParameterError as exc:
+                raise BnbookError(
+                    f"parameter {key!r} of chapter {chapter.name} expects {exc.accepted}, got {value!r}"
+                ) from None
+            continue
         default = declared[key]
+        checked[key] = value
         if default is None or value is None:
             continue
         ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
@@ -185,6 +324,20 @@ def check_parameters(chapter: Chapter, declared: dict[str, Any], given: dict[str
                 f"parameter {key!r} of chapter {chapter.name} expects {type(default).__name__} "
                 f"(default {default!r}), got {value!r}"
             )
+    if cls is not None:
+        fields = {bound[k]: v for k, v in checked.items() if k in bound}
+        try:
+            cls.from_params(fields.pop("profile", "quick"), **fields)
+        except (BnbookError, ValueError, TypeError) as exc:
+            raise BnbookError(f"chapter {chapter.name}: {exc}") from None
+    return checked
+
+
+def _injectable(value: Any) -> Any:
+    """A value papermill can write into the parameters cell (it writes tuples as strings)."""
+    if isinstance(value, (list, tuple)):
+        return [_injectable(v) for v in value]
+    return value
 
 
 # ------------------------------------------------------------------ records
@@ -197,11 +350,18 @@ def tree_digest(paths: Sequence[Path], base: Path) -> str:
     return digest.hexdigest()
 
 
-def run_key(project: Project, chapter: Chapter, params: dict[str, Any]) -> str:
-    """What a chapter's output depends on: its source, the package source, parameters, lock file."""
+def run_key(project: Project, chapter: Chapter, params: dict[str, Any], nb: Any = None) -> str:
+    """What a chapter's page depends on: its source, the ``bnbook`` modules it imports
+    (transitively), its parameters and the lock file."""
+    from bnbook.results import files_digest
+
+    if nb is None:
+        import jupytext
+
+        nb = jupytext.read(chapter.source)
     digest = hashlib.sha256()
     digest.update(chapter.source.read_bytes())
-    digest.update(tree_digest(list(project.package_dir.rglob("*.py")), project.package_dir).encode())
+    digest.update(files_digest(chapter_code_files(project, nb), project.package_dir.resolve()).encode())
     digest.update(json.dumps(params, sort_keys=True, default=str).encode())
     lock = project.root / LOCK_FILE
     digest.update(lock.read_bytes() if lock.exists() else b"")
@@ -221,19 +381,50 @@ def versions() -> dict[str, str]:
     return out
 
 
-def read_record(project: Project, chapter: Chapter) -> dict[str, Any] | None:
-    """The chapter's last run record, or ``None``."""
-    path = project.records_dir / f"{chapter.name}.json"
+def bnbook_version() -> str:
+    """The version of the installed ``bnbook`` package."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return json.loads(path.read_text())
+        return version("bnbook")
+    except PackageNotFoundError:
+        from bnbook import __version__
+
+        return __version__
+
+
+def record_path(project: Project, chapter: Chapter) -> Path:
+    return project.records_dir / f"{chapter.name}.json"
+
+
+def packages_path(project: Project, chapter: Chapter) -> Path:
+    """The package list (``pip freeze`` style) of the chapter's last successful run."""
+    return project.records_dir / f"{chapter.name}.packages.txt"
+
+
+def read_record(project: Project, chapter: Chapter) -> dict[str, Any] | None:
+    """The chapter's last run record, or ``None`` (absent or unreadable)."""
+    try:
+        record = json.loads(record_path(project, chapter).read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def notebook_key(path: Path) -> str | None:
+    """The run key stored in an executed notebook's metadata (``None`` if absent)."""
+    try:
+        meta = json.loads(path.read_text()).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    key = meta.get("bnbook", {}).get("key") if isinstance(meta, dict) else None
+    return key if isinstance(key, str) else None
 
 
 def write_record(project: Project, chapter: Chapter, record: dict[str, Any]) -> None:
     from bnbook.results import write_json_atomic
 
-    write_json_atomic(project.records_dir / f"{chapter.name}.json", record)
+    write_json_atomic(record_path(project, chapter), record)
 
 
 def records_table(project: Project) -> list[dict[str, Any]]:
@@ -241,43 +432,66 @@ def records_table(project: Project) -> list[dict[str, Any]]:
     rows = []
     for chapter in discover(project):
         rec = read_record(project, chapter) or {}
-        rows.append({"chapter": chapter.name, **rec})
+        rows.append({**rec, "chapter": chapter.name})
     return rows
+
+
+def _state(row: dict[str, Any]) -> str:
+    return "ok" if row.get("ok") is True else ("FAILED" if "ok" in row else "not run")
+
+
+def _commit_text(row: dict[str, Any]) -> str | None:
+    commit = row.get("commit")
+    if not isinstance(commit, str) or not commit:
+        return "unknown" if "ok" in row else None
+    return commit[:10] + (" (with local changes)" if row.get("commit_modified") else "")
+
+
+def _device_text(row: dict[str, Any]) -> str | None:
+    device = row.get("device")
+    if isinstance(device, str) and device.startswith("cuda") and row.get("device_name"):
+        return f"{device} ({row['device_name']})"
+    return device if isinstance(device, str) else None
 
 
 def status_markdown(project: Project) -> str:
     """The book's status page: each chapter's last run, rendered from the run records."""
     from bnbook.report import markdown_table
 
+    records = records_table(project)
     rows = []
-    for row in records_table(project):
-        v = row.get("versions", {})
+    for row in records:
+        packages = row.get("packages")
+        has_packages = isinstance(packages, str) and (project.records_dir / packages).is_file()
+        finished = row.get("finished")
         rows.append({
-            "chapter": f"[{row['chapter']}](chapters/{row['chapter']}.ipynb)" if row.get("ok") else row["chapter"],
-            "status": "ok" if row.get("ok") else ("FAILED" if "ok" in row else "not run"),
+            "chapter": f"[{row['chapter']}](chapters/{row['chapter']}.ipynb)" if row.get("ok") is True else row["chapter"],
+            "status": _state(row),
             "profile": row.get("profile"),
-            "device": row.get("device"),
+            "device": _device_text(row),
             "seed": row.get("seed"),
             "runtime": row.get("runtime_s"),
-            "date": row.get("finished", "")[:16].replace("T", " ") or None,
-            "torch": v.get("torch"),
+            "date": finished[:16].replace("T", " ") if isinstance(finished, str) else None,
+            "commit": _commit_text(row),
+            "packages": f"{{download}}`list <_records/{packages}>`" if has_packages else None,
         })
     table = markdown_table(
         rows,
         {"chapter": "Chapter", "status": "Status", "profile": "Profile", "device": "Device", "seed": "Seed",
-         "runtime": "Run time (s)", "date": "Executed (UTC)", "torch": "torch"},
+         "runtime": "Run time (s)", "date": "Executed (UTC)", "commit": "Commit", "packages": "Packages"},
         {"runtime": ".1f", "seed": "d"},
     )
-    records = records_table(project)
-    total = sum(r.get("runtime_s") or 0 for r in records)
-    names = sorted({f"{r['device']} ({r['device_name']})" for r in records if "device_name" in r})
+    total = sum(r["runtime_s"] for r in records if isinstance(r.get("runtime_s"), (int, float)))
+    names = sorted({f"{r['device']} ({r['device_name']})" for r in records
+                    if isinstance(r.get("device"), str) and isinstance(r.get("device_name"), str)})
     machine = ", ".join(names) or "none yet"
     return (
         "# Execution status\n\n"
         "Every chapter of this book is a notebook that was re-executed by `bnbook run` "
         "before the HTML was built. This page lists each chapter's last run: the profile "
-        "(`smoke`, `quick` or `paper`), the device, the seed, the wall-clock time and the "
-        "torch version (each chapter's closing run record lists the others). It is generated from the run records in `book/_records/`.\n\n"
+        "(`smoke`, `quick` or `paper`), the device, the seed, the wall-clock time, the date, the git "
+        "commit the code was run from, and the full list of Python packages installed for that run. "
+        "It is generated from the run records in `book/_records/`.\n\n"
         f"{table}\n\n"
         f"Total execution time: {total:.1f} s. Machine: {machine}. To reproduce a chapter: "
         "`bnbook run <chapter> --profile <profile> --device <device>`.\n"
@@ -288,13 +502,14 @@ def footer_markdown(record: dict[str, Any]) -> str:
     """The run-record cell appended to every executed chapter."""
     v = record["versions"]
     params = ", ".join(f"`{k}={v!r}`" for k, v in record["parameters"].items())
+    commit = _commit_text(record)
     return (
         "```{admonition} Run record\n:class: note\n"
         f"Executed by `bnbook run` on {record['finished']} (UTC) with profile **{record['profile']}** "
         f"on **{record['device']}** ({record['device_name']}), seed {record['seed']}, "
-        f"in {record['runtime_s']:.1f} s. Parameters: {params}. "
+        f"in {record['runtime_s']:.1f} s, from commit {commit}. Parameters: {params}. "
         f"Python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, matplotlib {v['matplotlib']}. "
-        "See the [status page](../status.md) for every chapter.\n```"
+        "See the [status page](../status.md) for every chapter and the full package list.\n```"
     )
 
 
@@ -304,6 +519,7 @@ class Outcome:
     chapter: Chapter
     status: str  # "ran", "skipped" or "failed"
     message: str = ""
+    elapsed_s: float = 0.0
 
 
 def _papermill_failure(exc: BaseException, nb_path: Path) -> str:
@@ -312,7 +528,72 @@ def _papermill_failure(exc: BaseException, nb_path: Path) -> str:
     ename = getattr(exc, "ename", type(exc).__name__)
     evalue = getattr(exc, "evalue", str(exc))
     where = f"cell {cell}" if cell is not None else "a cell"
-    return f"{where} raised {ename}: {str(evalue).splitlines()[0] if evalue else ''} (executed notebook: {nb_path})"
+    first = str(evalue).splitlines()[0] if evalue else ""
+    return f"{where} raised {ename}: {first} (executed notebook: {nb_path})"
+
+
+def _kernel_manager_class(folder: Path) -> type:
+    """A kernel manager that talks to the kernel over IPC sockets inside ``folder``.
+
+    IPC instead of TCP: no open ports and no "running over TCP without encryption"
+    warning on every run. The kernel's own stdout/stderr (not the cells' output, which
+    travels over the sockets) go to ``folder/kernel.log`` instead of the terminal.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.transport = "ipc"
+            self.connection_file = str(folder / "kernel.json")
+
+        async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+            with open(folder / "kernel.log", "ab") as log:
+                kw.update(stdout=log, stderr=log)
+                await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return IpcKernelManager
+
+
+def _relay_notices(nb_path: Path, echo: Callable[[str], None]) -> None:
+    """Echo the library's ``[bnbook]`` notices (stderr lines in the executed notebook)."""
+    try:
+        nb = json.loads(nb_path.read_text())
+    except (OSError, ValueError):
+        return
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                text = "".join(out.get("text", []))
+                for line in text.splitlines():
+                    if line.startswith(NOTICE_PREFIX):
+                        echo(f"{NOTICE_PREFIX}  {line[len(NOTICE_PREFIX):]}")
+
+
+@contextlib.contextmanager
+def _chapter_lock(project: Project, chapter: Chapter, echo: Callable[[str], None]) -> Iterator[None]:
+    """One ``bnbook run`` of a chapter at a time (per output folder); the others wait."""
+    from filelock import FileLock, Timeout
+
+    project.records_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(project.records_dir / f".{chapter.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        echo(f"{NOTICE_PREFIX}{chapter.name}: waiting for another bnbook run of this chapter")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def is_current(project: Project, chapter: Chapter, key: str, record: dict[str, Any] | None = None) -> bool:
+    """Whether the published notebook and its record are a successful run with run key ``key``."""
+    record = read_record(project, chapter) if record is None else record
+    published = project.executed_dir / f"{chapter.name}.ipynb"
+    return bool(record and record.get("ok") is True and record.get("key") == key
+                and notebook_key(published) == key)
 
 
 def run_chapter(
@@ -324,31 +605,51 @@ def run_chapter(
     seed: int,
     params: dict[str, Any],
     force: bool = False,
+    recompute: bool = False,
+    nb: Any = None,
+    echo: Callable[[str], None] = print,
 ) -> Outcome:
-    """Execute one chapter unless its inputs are unchanged since its last successful run."""
+    """Execute one chapter unless its inputs are unchanged since its last successful run.
+
+    ``params`` must have been checked (:func:`check_parameters`). ``recompute`` makes
+    the chapter recompute its experiment results instead of reusing them (and implies
+    ``force``).
+    """
     import jupytext
+
+    if nb is None:
+        nb = jupytext.read(chapter.source)
+    all_params = json.loads(json.dumps({"profile": profile, "device": device, "seed": seed, **params}))
+    t0 = time.perf_counter()
+    with _chapter_lock(project, chapter, echo):
+        key = run_key(project, chapter, all_params, nb)
+        if not (force or recompute) and is_current(project, chapter, key):
+            return Outcome(chapter, "skipped", "unchanged since its last run", time.perf_counter() - t0)
+        outcome = _execute(project, chapter, nb, key, all_params, recompute=recompute, echo=echo)
+    outcome.elapsed_s = time.perf_counter() - t0
+    return outcome
+
+
+def _execute(
+    project: Project, chapter: Chapter, nb: Any, key: str, all_params: dict[str, Any], *,
+    recompute: bool, echo: Callable[[str], None],
+) -> Outcome:
     import nbformat
     import papermill
 
-    from bnbook.env import device_name, resolve_device
+    from bnbook.env import device_name, git_revision, package_list, resolve_device
+    from bnbook.results import RECOMPUTE_ENV, Transaction, json_bytes, to_jsonable, write_atomic
 
-    nb = jupytext.read(chapter.source)
-    declared = notebook_parameters(nb)
-    all_params = {"profile": profile, "device": device, "seed": seed, **params}
-    check_parameters(chapter, declared, all_params)
-    key = run_key(project, chapter, all_params)
+    resolved = resolve_device(all_params["device"])
     published = project.executed_dir / f"{chapter.name}.ipynb"
-    previous = read_record(project, chapter)
-    if not force and previous and previous.get("ok") and previous.get("key") == key and published.exists():
-        return Outcome(chapter, "skipped", "unchanged since its last run")
-
-    resolved = resolve_device(device)
     project.executed_dir.mkdir(parents=True, exist_ok=True)
     env_backup = dict(os.environ)
     os.environ.setdefault("BNBOOK_RESULTS_DIR", str(project.out / "data" / "results"))
     os.environ.setdefault("BNBOOK_ROOT", str(project.root))
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     os.environ["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
+    if recompute:
+        os.environ[RECOMPUTE_ENV] = "1"
     started = _dt.datetime.now(_dt.timezone.utc)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"bnbook-{chapter.name}-") as tmp:
@@ -358,43 +659,105 @@ def run_chapter(
         error: BaseException | None = None
         try:
             papermill.execute_notebook(
-                str(src), str(dst), parameters=all_params, kernel_name="python3",
-                cwd=str(project.executed_dir), progress_bar=False, log_output=False,
-                report_mode=False,
+                str(src), str(dst), parameters={k: _injectable(v) for k, v in all_params.items()},
+                kernel_name="python3", cwd=str(project.executed_dir),
+                progress_bar=False, log_output=False, report_mode=False,
+                kernel_manager_class=_kernel_manager_class(Path(tmp)),
             )
         except Exception as exc:  # papermill raises PapermillExecutionError for a failing cell
             error = exc
         finally:
             os.environ.clear()
             os.environ.update(env_backup)
+        _relay_notices(dst, echo)
         runtime = time.perf_counter() - t0
-        record = {
+        revision = git_revision(project.root)
+        record = to_jsonable({
             "chapter": chapter.name, "key": key, "ok": error is None,
-            "profile": profile, "device": str(resolved), "device_name": device_name(resolved),
-            "seed": seed, "parameters": all_params, "runtime_s": round(runtime, 2),
+            "profile": all_params["profile"], "device": str(resolved), "device_name": device_name(resolved),
+            "seed": all_params["seed"], "parameters": all_params, "runtime_s": round(runtime, 2),
             "started": started.isoformat(timespec="seconds"),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions(),
-        }
+            "commit": revision["commit"], "commit_modified": revision["modified"],
+            "bnbook": bnbook_version(), "versions": versions(),
+            "packages": packages_path(project, chapter).name,
+        }, nonfinite="string")
         if error is not None:
-            project.failed_dir.mkdir(parents=True, exist_ok=True)
             failed_nb = project.failed_dir / f"{chapter.name}.ipynb"
-            if dst.exists():
-                shutil.copyfile(dst, failed_nb)
             record["error"] = _papermill_failure(error, failed_nb)
-            write_record(project, chapter, record)
+            record.pop("packages")
+            try:
+                if dst.exists():
+                    write_atomic(failed_nb, dst.read_bytes())
+                log = Path(tmp) / "kernel.log"
+                if log.exists() and log.stat().st_size:
+                    write_atomic(project.failed_dir / f"{chapter.name}.kernel.log", log.read_bytes())
+                write_record(project, chapter, record)
+            except OSError as exc:  # e.g. a full disk: the message still reaches the user
+                record["error"] += f"; the run record could not be written ({exc.strerror or exc})"
             return Outcome(chapter, "failed", record["error"])
         executed = nbformat.read(dst, as_version=4)
         for cell in executed.cells:  # the run record states the parameters; keep the page clean
             if "injected-parameters" in cell.metadata.get("tags", []):
                 cell.metadata["tags"] = [*cell.metadata["tags"], "remove-cell"]
         executed.cells.append(nbformat.v4.new_markdown_cell(footer_markdown(record)))
-        executed.metadata.setdefault("bnbook", {}).update({k: record[k] for k in ("key", "profile", "device", "seed")})
-        tmp_out = project.executed_dir / f".{chapter.name}.ipynb.tmp"
-        nbformat.write(executed, tmp_out)
-        os.replace(tmp_out, published)
-    write_record(project, chapter, record)
-    return Outcome(chapter, "ran", f"{runtime:.1f} s")
+        executed.metadata["bnbook"] = {k: record[k] for k in ("key", "profile", "device", "seed")}
+        try:
+            with Transaction() as txn:  # page, package list and record: all or none
+                txn.write(published, nbformat.writes(executed).encode())
+                txn.write(packages_path(project, chapter), ("\n".join(package_list()) + "\n").encode())
+                txn.write(record_path(project, chapter), json_bytes(record))
+        except Exception as exc:  # a full disk, or a record that cannot be stored: nothing is published
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = exc.strerror + (f": {exc.filename}" if exc.filename else f" (writing {published})")
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            message = f"the executed notebook could not be published ({reason}); the previous page is kept"
+            with contextlib.suppress(Exception):
+                write_record(project, chapter, {**record, "ok": False, "error": message})
+            return Outcome(chapter, "failed", message)
+    return Outcome(chapter, "ran", "")
+
+
+@dataclasses.dataclass
+class _Plan:
+    chapter: Chapter
+    nb: Any
+    params: dict[str, Any]
+
+
+def check_seed(seed: Any) -> int:
+    """Return ``seed`` if it is a valid base seed, else raise naming ``--seed``."""
+    try:
+        return ChapterConfig.check_param("seed", seed)
+    except ParameterError as exc:
+        raise BnbookError(f"--seed expects {exc.accepted}, got {seed!r}") from None
+
+
+def plan(
+    project: Project, names: Sequence[str], *, profile: str, device: str, seed: int, params: dict[str, Any],
+) -> list[_Plan]:
+    """The chapters to run with their checked parameters; raises before anything runs."""
+    import jupytext
+
+    from bnbook.env import resolve_device
+
+    check_profile(profile)
+    resolve_device(device)  # fail before running anything if e.g. CUDA is absent
+    check_seed(seed)
+    for reserved in ("profile", "device", "seed"):
+        if reserved in params:
+            raise BnbookError(f"set {reserved} with --{reserved}, not with -p")
+    chapters = select(discover(project), names)
+    if not chapters:
+        raise BnbookError(f"no chapters found in {project.chapters_dir}")
+    plans = []
+    for chapter in chapters:
+        nb = jupytext.read(chapter.source)
+        given = {"profile": profile, "device": device, "seed": seed, **params}
+        checked = check_parameters(chapter, notebook_parameters(nb), given, config_binding(nb))
+        plans.append(_Plan(chapter, nb, {k: v for k, v in checked.items() if k not in ("profile", "device", "seed")}))
+    return plans
 
 
 def run(
@@ -406,69 +769,92 @@ def run(
     seed: int = 0,
     params: dict[str, Any] | None = None,
     force: bool = False,
+    recompute: bool = False,
     keep_going: bool = False,
-    echo=print,
+    echo: Callable[[str], None] = print,
 ) -> list[Outcome]:
-    """Run the named chapters (all when none); stop at the first failure unless ``keep_going``."""
-    import jupytext
+    """Run the named chapters (all when none); stop at the first failure unless ``keep_going``.
 
-    from bnbook.env import resolve_device
-
-    check_profile(profile)
-    resolve_device(device)  # fail before running anything if e.g. CUDA is absent
-    params = params or {}
-    for reserved in ("profile", "device", "seed"):
-        if reserved in params:
-            raise BnbookError(f"set {reserved} with --{reserved}, not with -p")
-    chapters = select(discover(project), names)
-    if not chapters:
-        raise BnbookError(f"no chapters found in {project.chapters_dir}")
-    # Validate -p against every selected chapter before executing any of them.
-    if params:
-        for chapter in chapters:
-            check_parameters(chapter, notebook_parameters(jupytext.read(chapter.source)), params)
+    Every parameter of every selected chapter is checked before the first one runs.
+    """
+    plans = plan(project, names, profile=profile, device=device, seed=seed, params=params or {})
+    project.executed_dir.mkdir(parents=True, exist_ok=True)
     outcomes = []
-    for chapter in chapters:
-        echo(f"[bnbook] {chapter.name} ({profile}, {device}, seed {seed}) ...")
-        outcome = run_chapter(project, chapter, profile=profile, device=device, seed=seed,
-                              params=params, force=force)
-        echo(f"[bnbook] {chapter.name}: {outcome.status} {outcome.message}")
+    for p in plans:
+        echo(f"[bnbook] {p.chapter.name} ({profile}, {device}, seed {seed}) ...")
+        outcome = run_chapter(project, p.chapter, profile=profile, device=device, seed=seed, params=p.params,
+                              force=force, recompute=recompute, nb=p.nb, echo=echo)
+        detail = f" ({outcome.message})" if outcome.message and outcome.status != "failed" else ""
+        echo(f"[bnbook] {p.chapter.name}: {outcome.status} in {outcome.elapsed_s:.1f} s{detail}")
         outcomes.append(outcome)
         if outcome.status == "failed" and not keep_going:
             break
-    write_status_page(project)
+    try:
+        write_status_page(project)
+    except OSError as exc:
+        echo(f"[bnbook] the status page could not be written ({exc.strerror or exc})")
     return outcomes
 
 
 def write_status_page(project: Project) -> Path:
     """(Re)write ``book/status.md`` from the run records."""
+    from bnbook.results import write_atomic
+
     path = project.book_dir / "status.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(status_markdown(project))
+    write_atomic(path, status_markdown(project).encode())
     return path
 
 
 # ------------------------------------------------------------------ building
-def check_publishable(project: Project) -> None:
-    """Raise unless every chapter has a successful run and an executed notebook."""
+def check_publishable(project: Project, *, any_profile: bool = False) -> None:
+    """Raise unless every chapter's published notebook is its last, successful, current run.
+
+    Refused: a chapter never run, whose last run failed, whose notebook and record
+    disagree, or that changed since it ran (its source, the ``bnbook`` code it imports,
+    or the lock file: "stale"). Unless ``any_profile``: a smoke-profile chapter, or
+    chapters run with different profiles.
+    """
     problems = []
+    profiles: dict[str, list[str]] = {}
     for chapter in discover(project):
         rec = read_record(project, chapter)
         nb = project.executed_dir / f"{chapter.name}.ipynb"
-        if rec is None or not nb.exists():
-            problems.append(f"{chapter.name} has not been run (bnbook run {chapter.number})")
-        elif not rec.get("ok"):
-            problems.append(f"{chapter.name} failed its last run: {rec.get('error', '?')}")
+        again = f"bnbook run {chapter.number}"
+        if rec is None:
+            problems.append(f"{chapter.name} has not been run ({again})")
+        elif rec.get("ok") is not True:
+            problems.append(f"{chapter.name} failed its last run: {rec.get('error', 'no error recorded')} ({again})")
+        elif not nb.exists() or notebook_key(nb) != rec.get("key"):
+            problems.append(f"{chapter.name}: its executed notebook does not match its run record ({again})")
+        elif run_key(project, chapter, rec.get("parameters", {})) != rec.get("key"):
+            problems.append(f"{chapter.name} is stale: its source, the bnbook code it imports or "
+                            f"{LOCK_FILE} changed since its last run ({again})")
+        else:
+            profiles.setdefault(str(rec.get("profile")), []).append(chapter.number)
     if problems:
         raise BnbookError("cannot build the book: " + "; ".join(problems))
+    if not any_profile and ("smoke" in profiles or len(profiles) > 1):
+        used = "; ".join(f"{p}: {', '.join(n)}" for p, n in sorted(profiles.items()))
+        raise BnbookError(
+            "cannot build the book: " + ("it has smoke-profile chapters" if "smoke" in profiles
+                                         else "its chapters ran with different profiles")
+            + f" ({used}); re-run them with one profile (e.g. bnbook run --profile quick) "
+            "or pass --any-profile to publish them as they are"
+        )
     stale = {p.stem for p in project.executed_dir.glob("*.ipynb")} - {c.name for c in discover(project)}
     for name in stale:  # a chapter whose source was removed or renamed
         (project.executed_dir / f"{name}.ipynb").unlink()
 
 
-def build(project: Project, *, echo=print) -> Path:
+def build(project: Project, *, any_profile: bool = False, echo: Callable[[str], None] = print) -> Path:
     """Build the HTML with ``jupyter-book build`` (warnings as errors, nitpicky); return index.html."""
-    check_publishable(project)
+    missing = [n for n in ("_config.yml", "_toc.yml") if not (project.out / n).is_file()]
+    if missing or not project.book_dir.is_dir():
+        raise BnbookError(
+            f"{project.out} is not a book folder: it lacks {', '.join(missing) or 'book/'}; "
+            "a folder given with --out needs copies of _config.yml, _toc.yml and book/ from the repository"
+        )
+    check_publishable(project, any_profile=any_profile)
     write_status_page(project)
     # Sphinx's saved environment does not survive a changed table of contents (a KeyError in
     # sphinx-external-toc), so a new _toc.yml or _config.yml starts from a clean environment.
@@ -499,32 +885,85 @@ def build(project: Project, *, echo=print) -> Path:
 # ------------------------------------------------------------------ CLI
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bnbook", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"bnbook {bnbook_version()}")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the book (book/, _build/) under this folder instead of the repo")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="execute chapters (all when none is named)")
+    p_run = sub.add_parser(
+        "run", help="execute chapters (all when none is named)",
+        description="Execute chapters with papermill. A chapter whose source, imported bnbook code, "
+                    "parameters and requirements.lock are unchanged since its last successful run is skipped.",
+    )
     p_run.add_argument("chapters", nargs="*", help="chapter name, number or slug")
     p_run.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)} (default quick)")
     p_run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p_run.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p_run.add_argument("--seed", type=int, default=0, help="base seed, 0 to 2**31-1 (default 0)")
     p_run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                       help="set a chapter parameter (repeatable)")
-    p_run.add_argument("--force", action="store_true", help="re-run even if nothing changed")
+                       help="set a chapter parameter (repeatable); checked against the chapter config's "
+                            "field type and range, e.g. -p steps=500 -p batch_sizes=4,16")
+    p_run.add_argument("--force", action="store_true",
+                       help="execute the notebooks even if nothing changed; experiment results are "
+                            "still reused from the result cache when intact")
+    p_run.add_argument("--recompute", action="store_true",
+                       help="also recompute every experiment result instead of reusing the cache "
+                            "(implies --force): repairs a cache, re-measures timings, checks determinism")
     p_run.add_argument("--keep-going", action="store_true", help="run the rest after a failure")
-    sub.add_parser("build", help="build the HTML book from the executed chapters")
-    sub.add_parser("status", help="print each chapter's last run")
+    p_build = sub.add_parser(
+        "build", help="build the HTML book from the executed chapters",
+        description="Build the HTML (jupyter-book, warnings as errors). Refuses chapters that were never "
+                    "run, failed their last run or are stale (changed since they ran).",
+    )
+    p_build.add_argument("--any-profile", action="store_true",
+                         help="publish even if chapters ran with the smoke profile or with different profiles")
+    sub.add_parser("status", help="print each chapter's last run (exit status 1 if one failed)")
     return parser
 
 
+def _status_lines(project: Project) -> tuple[list[str], bool]:
+    """The lines ``bnbook status`` prints and whether a chapter's last run failed."""
+    lines, failed = [], False
+    for row in records_table(project):
+        state = _state(row)
+        failed |= state == "FAILED"
+        extra = ""
+        if "ok" in row:
+            runtime = row.get("runtime_s")
+            fields = [
+                f"{row.get('profile', '?')!s:6}", f"{row.get('device', '?')!s:8}", f"seed {row.get('seed', '?')!s:<3}",
+                f"{runtime:8.1f} s" if isinstance(runtime, (int, float)) else f"{'?':>8} s",
+                str(row.get("finished", "?")),
+                f"torch {row.get('versions', {}).get('torch', '?') if isinstance(row.get('versions'), dict) else '?'}",
+            ]
+            extra = " ".join(fields)
+        lines.append(f"{row['chapter']:28} {state:8} {extra}".rstrip())
+        if row.get("error"):
+            lines.append(f"{'':28} {row['error']}")
+    return lines, failed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bnbook`` command; returns the exit status."""
+    """Entry point of the ``bnbook`` command; returns the exit status.
+
+    0: success; 1: a chapter failed (``run``) or a chapter's last run failed (``status``);
+    2: bad input or an unmet precondition (one ``bnbook: error:`` line); 130: interrupted
+    (Ctrl-C); 143: terminated (SIGTERM). Temporary folders are removed in every case.
+    """
     args = make_parser().parse_args(argv)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
     try:
         project = Project.find(args.out)
         if args.command == "run":
             outcomes = run(
                 project, args.chapters, profile=args.profile, device=args.device, seed=args.seed,
-                params=parse_assignments(args.param), force=args.force, keep_going=args.keep_going,
+                params=parse_assignments(args.param), force=args.force or args.recompute,
+                recompute=args.recompute, keep_going=args.keep_going,
             )
             failed = [o for o in outcomes if o.status == "failed"]
             if failed:
@@ -532,21 +971,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"bnbook: error: chapter {o.chapter.name} failed: {o.message}", file=sys.stderr)
                 return 1
         elif args.command == "build":
-            build(project)
+            build(project, any_profile=args.any_profile)
         elif args.command == "status":
-            for row in records_table(project):
-                state = "ok" if row.get("ok") else ("FAILED" if "ok" in row else "not run")
-                extra = (
-                    f"{row['profile']:6} {row['device']:8} seed {row['seed']:<3} "
-                    f"{row['runtime_s']:8.1f} s  {row['finished']}  torch {row['versions']['torch']}"
-                    if "ok" in row else ""
-                )
-                print(f"{row['chapter']:28} {state:8} {extra}")
-                if row.get("error"):
-                    print(f"{'':28} {row['error']}")
+            lines, failed = _status_lines(project)
+            print("\n".join(lines))
+            return 1 if failed else 0
     except BnbookError as exc:
         print(f"bnbook: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a full disk or a read-only output folder
+        print(f"bnbook: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bnbook: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("bnbook: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
