@@ -128,6 +128,13 @@ def test_figures_are_saved_once_with_checksums(toy, monkeypatch, capsys):
     third.save_figure(_figure(), "fig.png")
     assert results.check_result(third.dir)[0].record["figures"]["fig.png"] == results.sha256_file(path)
 
+    # Bytes rendered elsewhere (plots.save adds alt text to its PNGs) go through the same check.
+    data = results.render_png(_figure("c"))
+    stored = results.store_figure(third, "c.png", data)
+    stamp = stored.stat().st_mtime_ns
+    assert results.store_figure(third, "c.png", data) == stored and stored.stat().st_mtime_ns == stamp
+    assert json.loads((third.dir / "result.json").read_text())["figures"]["c.png"] == results.sha256_file(stored)
+
 
 # ------------------------------------------------------------------ concurrency
 CONCURRENT = textwrap.dedent('''\

@@ -388,7 +388,13 @@ class Result:
         cannot be written there, a ``[bnbook]`` notice says so and the page still shows
         the figure (it is drawn inline).
         """
-        data = render_png(fig, dpi)
+        return self.store_figure(name, render_png(fig, dpi))
+
+    def store_figure(self, name: str, data: bytes) -> Path:
+        """Store a rendered figure (e.g. PNG bytes) as ``name``, only if it is missing or changed.
+
+        See :meth:`save_figure`; this is the same for bytes already rendered.
+        """
         path = self.path(name)
         sha = hashlib.sha256(data).hexdigest()
         same = path.is_file() and sha256_file(path) == sha
@@ -424,15 +430,22 @@ def render_png(fig: Figure, dpi: int = 150) -> bytes:
     return buffer.getvalue()
 
 
-def save_figure(fig: Figure, target: Result | Path, name: str, *, dpi: int = 150) -> Path:
-    """Save ``fig`` as ``name`` into a result (with checksum) or a plain folder, if missing or changed."""
+def store_figure(target: Result | Path, name: str, data: bytes) -> Path:
+    """Store figure bytes as ``name`` in a result (with checksum) or a plain folder, if missing or changed.
+
+    ``plots.save`` calls this, so re-drawing an unchanged figure writes nothing.
+    """
     if isinstance(target, Result):
-        return target.save_figure(fig, name, dpi=dpi)
-    data = render_png(fig, dpi)
+        return target.store_figure(name, data)
     path = Path(target) / name
     if not (path.is_file() and path.read_bytes() == data):
         write_atomic(path, data)
     return path
+
+
+def save_figure(fig: Figure, target: Result | Path, name: str, *, dpi: int = 150) -> Path:
+    """Save ``fig`` as a PNG ``name`` into a result or a plain folder (see :func:`store_figure`)."""
+    return store_figure(target, name, render_png(fig, dpi))
 
 
 def to_jsonable(obj: Any, *, nonfinite: str = "null") -> Any:
