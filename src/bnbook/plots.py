@@ -85,7 +85,7 @@ _TEX_SYMBOLS = {
     "chi": "χ", "psi": "ψ", "omega": "ω", "ell": "ℓ", "nabla": "∇", "partial": "∂",
     "infty": "∞", "times": "×", "cdot": "·", "pm": "±", "approx": "≈", "le": "≤", "leq": "≤",
     "ge": "≥", "geq": "≥", "ne": "≠", "neq": "≠", "to": "→", "rightarrow": "→", "sim": "∼",
-    "in": "∈", "sqrt": "√", "log": "log", "exp": "exp", "max": "max", "min": "min",
+    "in": "∈", "top": "ᵀ", "sqrt": "√", "log": "log", "exp": "exp", "max": "max", "min": "min",
 }
 _SUPERSCRIPTS = str.maketrans("0123456789-+", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻⁺")
 _SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
@@ -116,6 +116,8 @@ def _range(lo: float, hi: float) -> str:
 
 
 def _axis(ax, which: str) -> str:
+    from matplotlib.ticker import FixedFormatter, FixedLocator, FuncFormatter
+
     label = plain_text(getattr(ax, f"get_{which}label")())
     scale = getattr(ax, f"get_{which}scale")()
     lo, hi = getattr(ax.dataLim, f"interval{which}")  # the data's extent, not the padded view
@@ -124,7 +126,11 @@ def _axis(ax, which: str) -> str:
     ticks = [plain_text(t.get_text()) for t in getattr(ax, f"get_{which}ticklabels")()]
     ticks = [t for t in ticks if t]
     span = _range(lo, hi)
-    if any(re.search(r"[A-DF-Za-df-z]", t) for t in ticks):
+    axis = getattr(ax, f"{which}axis")
+    # set_xticks(positions, labels) fixes both the positions and the texts: the ticks are named
+    named = isinstance(axis.get_major_locator(), FixedLocator) and isinstance(
+        axis.get_major_formatter(), (FixedFormatter, FuncFormatter))
+    if ticks and (named or any(re.search(r"[A-DF-Za-df-z]", t) for t in ticks)):
         span = "categories " + ", ".join(ticks)  # named ticks (e.g. methods) say more than a range
     kind = "log " if scale == "log" else ""
     if ax.images and span.startswith("from"):
@@ -137,7 +143,7 @@ def _axis(ax, which: str) -> str:
 def _marks(ax) -> str:
     """What an Axes draws: heat map, lines, points, bars, bands."""
     from matplotlib.collections import PathCollection, PolyCollection
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Polygon, Rectangle
 
     kinds = []
     for image in ax.images:
@@ -153,6 +159,9 @@ def _marks(ax) -> str:
     bars = [p for p in ax.patches if isinstance(p, Rectangle)]
     if bars:
         kinds.append(f"{len(bars)} bars")
+    outlines = [p for p in ax.patches if isinstance(p, Polygon) and not isinstance(p, Rectangle)]
+    if outlines:  # hist(histtype="step") draws one outline per data set
+        kinds.append(f"{len(outlines)} histogram{'s' if len(outlines) > 1 else ''}")
     return ", ".join(kinds) or "empty panel"
 
 
