@@ -248,7 +248,10 @@ def build_singlehtml(project) -> Path:
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
         raise BnbookError(f"single-page build failed (full log: {log}):\n{tail}")
-    return base / "_build" / "singlehtml" / "index.html"
+    import yaml
+
+    root_doc = yaml.safe_load((project.out / "_toc.yml").read_text())["root"]
+    return base / "_build" / "singlehtml" / f"{root_doc}.html"  # index.html only redirects to it
 
 
 def print_pdf(page: Path, pdf: Path, *, budget_ms: int = 120_000, timeout_s: float = 600) -> Path:
@@ -293,8 +296,12 @@ RAW_MATH = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|\\begin\{|\\frac|\\mathrm")
 def check_pdf(pdf: Path, titles: Sequence[str]) -> int:
     """Raise unless ``pdf`` has every chapter title and no untypeset math; return its page count."""
     text = pdf_text(pdf)
-    flat = re.sub(r"\s+", " ", text)
-    missing = [t for t in titles if re.sub(r"\s+", " ", t) not in flat]
+
+    def norm(s: str) -> str:  # the HTML prints typographic quotes and may wrap a long title
+        return re.sub(r"\s+", " ", s.replace("\u2019", "'").replace("\u2018", "'"))
+
+    flat = norm(text)
+    missing = [t for t in titles if norm(t) not in flat]
     if missing:
         raise BnbookError(f"{pdf} lacks the chapter titles {missing}")
     raw = sorted({m.group(0) for m in RAW_MATH.finditer(text)})

@@ -65,8 +65,10 @@ figure img, .cell_output img { max-width: 100%; height: auto; }
   /* every page of the single-page edition starts a new sheet; the site's chrome stays out */
   .bd-header-article, .header-article-items, .prev-next-area, .bd-sidebar-primary,
   .bd-sidebar-secondary, .bd-header, .skip-link, button.toggle-button, .headerlink { display: none !important; }
-  section[id] > h1 { break-before: page; }
+  span[id^="document-"] + section { break-before: page; }  /* each chapter of the single page */
   figure, div.math, table { break-inside: avoid; }
+  pre { white-space: pre-wrap !important; overflow: visible !important; word-break: break-word; }
+  div.highlight, .cell_output { overflow: visible !important; }
   details.hide.above-input, details.hide.below-input { display: none; }
   div.math > mjx-container[display="true"] { overflow: visible; }
 }
