@@ -158,6 +158,9 @@ def _footer(app: Sphinx, pagename: str, context: dict[str, Any]) -> str:
 
 def _on_page(app: Sphinx, pagename: str, templatename: str, context: dict[str, Any], doctree: Any) -> None:
     context["theme_extra_footer"] = _footer(app, pagename, context)
+    if app.builder.name == "singlehtml" and "body" in context:
+        # The PDF edition prints no site footer: its first lines say which version it is.
+        context["body"] = f'<div class="bnbook-edition">{context["theme_extra_footer"]}</div>' + context["body"]
     groups = [b for b in context.get("header_buttons", []) if b.get("label") == "download-buttons"]
     if not groups:
         return
