@@ -97,3 +97,148 @@ def test_math_is_typeset_in_chromium(smoke_book, tmp_path):
         assert "Traceback (most recent call last)" not in dom and "output traceback" not in dom, (
             f"{page.name} shows a Python traceback"
         )
+
+
+# ------------------------------------------------------------------ citable, accessible (issue 16)
+class _Imgs(HTMLParser):
+    """Collects the attributes of every <img> and every link of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.imgs: list[dict] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+        elif tag == "a" and dict(attrs).get("href"):
+            self.links.append(dict(attrs)["href"])
+
+
+def _parse(page: Path) -> _Imgs:
+    parser = _Imgs()
+    parser.feed(page.read_text())
+    return parser
+
+
+def content_pages(project):
+    return [p for p in pages(project) if p.name != "index.html"]  # index.html only redirects
+
+
+def chapter_pages(project):
+    return [project.html_dir / "chapters" / f"{c.name}.html" for c in runner.discover(project)]
+
+
+PATH_LIKE = re.compile(r"\.(png|jpe?g|svg|gif)\b|[0-9a-f]{32,}|^\.\.?/|_images/")
+
+
+def test_every_image_has_real_alt_text(smoke_book):
+    figures = 0
+    for page in content_pages(smoke_book):
+        for img in _parse(page).imgs:
+            alt = (img.get("alt") or "").strip()
+            assert alt and not PATH_LIKE.search(alt), f"{page.name}: <img src={img.get('src')}> has alt {alt!r}"
+            if "_images/" in img.get("src", ""):
+                figures += 1
+                assert len(alt) >= 30 and ("panel" in alt or alt.startswith("Chart")), (page.name, alt)
+    assert figures >= len(runner.discover(smoke_book)) - 1  # (nearly) every chapter has a figure
+
+
+def test_every_page_shows_the_version_date_and_commit(smoke_book):
+    from bnbook import __version__
+
+    expected = re.compile(rf"version {re.escape(__version__)}, built \d{{4}}-\d\d-\d\d "
+                          r"(from commit [0-9a-f]{7,}( with uncommitted changes)?|outside a git checkout)")
+    lines = set()
+    for page in content_pages(smoke_book):
+        text = page.read_text()
+        found = expected.search(text)
+        assert found, f"{page.name} does not show the version line"
+        lines.add(found.group(0))
+        assert "How to cite</a>" in text and "CC BY 4.0" in text
+    assert len(lines) == 1, lines  # one build, one line
+
+
+def test_repository_buttons_follow_the_one_setting(smoke_book):
+    import yaml
+
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    for page in content_pages(smoke_book):
+        text = page.read_text()
+        assert ("repository-button" in text) == bool(url), page.name
+        assert ("issues-button" in text) == bool(url), page.name
+
+
+def test_chapter_downloads_are_runnable_sources(smoke_book):
+    import jupytext
+
+    for chapter, page in zip(runner.discover(smoke_book), chapter_pages(smoke_book)):
+        links = _parse(page).links
+        md = f"../_sources/chapters/{chapter.name}.md"
+        assert md in links, f"{page.name}'s download menu does not offer {md}"
+        assert not any(l.endswith(".ipynb") and "_sources" in l for l in links), page.name
+        text = (page.parent / md).resolve().read_text()
+        nb = jupytext.reads(text, fmt="md:myst")
+        assert "pip install --no-deps -e ." in nb.cells[0].source
+        assert len(nb.cells) == len(jupytext.read(chapter.source).cells) + 1
+
+
+def test_pages_at_400_px_and_a_768_px_column(smoke_book):
+    """No equation number over its formula, no page wider than a phone, figure labels readable."""
+    from bnbook import pagecheck
+
+    problems = []
+    for page in chapter_pages(smoke_book):
+        for width in (768, 400):
+            report = pagecheck.layout_report(page, width=width)
+            assert report["math"] or 'class="math' not in page.read_text(), page.name
+            min_scale = pagecheck.MIN_FIGURE_SCALE if width == 768 else 0.0  # a phone shrinks every figure
+            problems += [f"{page.name} at {width} px: {p}" for p in pagecheck.layout_problems(report, min_scale=min_scale)]
+    assert not problems, "\n".join(problems)
+
+
+def test_dark_mode_and_phone_screenshots(smoke_book, tmp_path):
+    from PIL import Image, ImageStat
+
+    from bnbook import pagecheck
+
+    page = chapter_pages(smoke_book)[0]
+    means = {}
+    for dark in (False, True):
+        png = pagecheck.screenshot(page, tmp_path / f"{'dark' if dark else 'light'}.png", width=400, height=900, dark=dark)
+        with Image.open(png) as image:
+            assert image.size == (400, 900)
+            means[dark] = ImageStat.Stat(image.convert("L")).mean[0]
+    assert means[False] > 180 and means[True] < 90, means  # the theme follows prefers-color-scheme
+
+
+@pytest.fixture(scope="module")
+def smoke_pdf(smoke_book):
+    """The PDF edition of the smoke build, and the site rebuilt to offer it."""
+    from bnbook import publish
+
+    pdf = publish.make_pdf(smoke_book)
+    runner.build(smoke_book)
+    return pdf
+
+
+def test_pdf_edition_has_every_chapter_typeset_math_and_figures(smoke_book, smoke_pdf):
+    from bnbook import __version__, publish
+
+    chapters = runner.discover(smoke_book)
+    pages_ = publish.check_pdf(smoke_pdf, publish.chapter_titles(smoke_book))  # titles present, no raw TeX
+    assert len(chapters) + 2 <= pages_ <= 40 * len(chapters), pages_
+    text = publish.pdf_text(smoke_pdf)
+    assert f"version {__version__}" in text
+    assert "∑" in text or "Σ" in text or "√" in text  # MathJax glyphs, not TeX source
+    listing = subprocess.run(["pdfimages", "-list", str(smoke_pdf)], capture_output=True, text=True,
+                             check=True).stdout.splitlines()[2:]
+    figures = sum(len([i for i in _parse(p).imgs if "_images/" in i.get("src", "")]) for p in chapter_pages(smoke_book))
+    assert len(listing) >= figures, (len(listing), figures)
+
+
+def test_site_offers_the_pdf(smoke_book, smoke_pdf):
+    html = smoke_book.html_dir
+    assert (html / "bnbook.pdf").read_bytes() == smoke_pdf.read_bytes()
+    for page in content_pages(smoke_book):
+        assert "bnbook.pdf" in page.read_text(), f"{page.name} does not offer the PDF"

@@ -52,10 +52,11 @@ _PROBE = """
       out.images.push({src: img.getAttribute("src"), alt: img.getAttribute("alt"), width: img.clientWidth,
                        scale: img.naturalWidth ? img.clientWidth / img.naturalWidth : null});
     });
-    var pre = document.createElement("pre");
-    pre.id = "bnbook-probe";
-    pre.textContent = JSON.stringify(out);
-    document.body.appendChild(pre);
+    var box = document.createElement("div");
+    box.id = "bnbook-probe";
+    box.hidden = true;
+    box.textContent = JSON.stringify(out);
+    document.body.appendChild(box);
   }
   window.addEventListener("load", function () {
     var ready = window.MathJax && MathJax.startup && MathJax.startup.promise;
@@ -109,7 +110,7 @@ def layout_report(page: Path, *, width: int = 768, height: int = 1200, budget_ms
                      probe.as_uri()], timeout_s=120)
     finally:
         probe.unlink(missing_ok=True)
-    match = re.search(r'<pre id="bnbook-probe">(.*?)</pre>', proc.stdout, flags=re.DOTALL)
+    match = re.search(r'<div id="bnbook-probe"[^>]*>(.*?)</div>', proc.stdout, flags=re.DOTALL)
     if not match:
         raise BnbookError(f"no layout report from {page} (did the page load?) {proc.stderr.strip()[-500:]}")
     import html
