@@ -154,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shot = screenshot(page, args.out / f"{stem}-400{'-dark' if dark else ''}.png", dark=dark)
             print(f"screenshot {shot}")
         for width in (400, 768, 1280):
-            for problem in layout_problems(layout_report(page, width=width)):
+            min_scale = MIN_FIGURE_SCALE if width >= 768 else 0.0  # a phone shrinks every figure
+            for problem in layout_problems(layout_report(page, width=width), min_scale=min_scale):
                 found += 1
                 print(f"{page.name} at {width} px: {problem}")
     print(f"{found} layout problem(s)")

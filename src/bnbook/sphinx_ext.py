@@ -5,8 +5,8 @@
 - **Repository buttons** follow ``repository.url`` in ``_config.yml``: shown when it is set, off
   while it is empty.
 - **Alt text**: an ``<img>`` whose PNG carries a description (:func:`bnbook.plots.describe`, written
-  by :func:`bnbook.report.glue_figure` and :func:`bnbook.plots.save`) gets it as ``alt``, after the
-  ``:alt:`` of its directive if there is one.
+  by :func:`bnbook.report.glue_figure` and :func:`bnbook.plots.save`) gets it as ``alt``, after a
+  sentence saying what it shows: the ``:alt:`` of its directive, else its caption's first sentence.
 - **Downloads that run**: a chapter's download menu offers its MyST source (``chapters/NN-slug.md``)
   with a note on how to install ``bnbook`` (:func:`bnbook.publish.runnable_source`) instead of the
   executed ``.ipynb``, and the whole book as a PDF when ``make pdf`` has written one.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import html
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -137,8 +138,37 @@ def _set_alt_text(app: Sphinx, doctree: nodes.document) -> None:
             continue
         description = plots.read_description(path)
         if description:
-            given = str(image.get("alt") or "").strip()
-            image["alt"] = f"{given.rstrip('.')}. {description}" if given else description
+            # What it shows: the directive's :alt:, else the first sentence of the figure's caption.
+            summary = str(image.get("alt") or "").strip() or _caption_sentence(image)
+            image["alt"] = f"{summary.rstrip('.')}. {description}" if summary else description
+
+
+def _caption_sentence(image: nodes.image) -> str:
+    """The first sentence of the caption of the figure holding ``image``, math as plain text."""
+    figure = image.parent
+    while figure is not None and not isinstance(figure, nodes.figure):
+        figure = figure.parent
+    captions = [c for c in figure.children if isinstance(c, nodes.caption)] if figure is not None else []
+    if not captions:
+        return ""
+    parts: list[str] = []
+
+    def walk(node: nodes.Node) -> None:
+        if isinstance(node, nodes.math):
+            parts.append(plots.plain_text(f"${node.astext()}$"))
+        elif isinstance(node, nodes.Text):
+            parts.append(node.astext())
+        elif node.get("nb_element") == "mime_bundle" and node.children:
+            # a glued value, one child per mime type (resolved later): read its rich form only
+            rich = [c for c in node.children if c.get("mime_type") != "text/plain"] or node.children
+            walk(rich[0])
+        else:
+            for child in node.children:
+                walk(child)
+
+    walk(captions[0])
+    text = " ".join("".join(parts).split())
+    return re.split(r"(?<=[.!?])\s+(?=[A-Z(])", text, maxsplit=1)[0]
 
 
 # ------------------------------------------------------------------ page furniture
