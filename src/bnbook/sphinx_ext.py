@@ -136,11 +136,13 @@ def _set_alt_text(app: Sphinx, doctree: nodes.document) -> None:
         path = Path(app.srcdir, candidate) if candidate else Path(app.env.relfn2path(uri, docname)[1])
         if not path.exists():
             continue
-        description = plots.read_description(path)
-        if description:
-            # What it shows: the directive's :alt:, else the first sentence of the figure's caption.
-            summary = str(image.get("alt") or "").strip() or _caption_sentence(image)
-            image["alt"] = f"{summary.rstrip('.')}. {description}" if summary else description
+        description = plots.read_description(path) or ""
+        # What it shows: the directive's :alt:, else the first sentence of the figure's caption;
+        # then what it draws (a PNG from an older run has no description: the summary alone).
+        summary = str(image.get("alt") or "").strip() or _caption_sentence(image)
+        alt = f"{summary.rstrip('.')}. {description}" if summary and description else summary or description
+        if alt:
+            image["alt"] = alt
 
 
 def _caption_sentence(image: nodes.image) -> str:
