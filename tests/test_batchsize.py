@@ -1,97 +1,97 @@
-"""Chapter 5's packed networks and experiment helpers: packing changes no model's numbers,
-a diverging model cannot disturb its neighbours, and the measurements measure what they say."""
+"""Chapter 5's experiment: ghost batches change BN's statistics and nothing else, the sweep varies
+N only where it matters, and the measurements measure what they say."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from bnbook import data, nets, norms
+from bnbook import batching, data, nets, norms, train
 from bnbook.errors import BnbookError
 from bnbook.experiments import batchsize as bs
 
-CNN_KINDS = ["bn", "brn", "gn", "ln", "ws+gn", "ws+bn", "none"]
 
-
-def _cnn(kind: str, seeds: list[int]) -> nets.PackedCNN:
-    return nets.PackedCNN(1, 10, (4, 8, 8), norm=kind, models=len(seeds), seeds=seeds,
-                          renorm={"momentum": 0.1}).double()
-
-
-@pytest.mark.parametrize("kind", CNN_KINDS)
-def test_packed_cnn_equals_its_models_run_one_by_one(kind: str) -> None:
+# ------------------------------------------------------------------ ghost batches
+def test_ghost_bn_over_the_whole_batch_is_our_bn() -> None:
     torch.manual_seed(0)
-    pack, singles = _cnn(kind, [3, 7]), [_cnn(kind, [3]), _cnn(kind, [7])]
-    x = torch.randn(2, 6, 1, 12, 12, dtype=torch.float64)
-    y = torch.randint(0, 10, (2, 6))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (pack, *singles)]
-    for _ in range(3):  # forward, backward and SGD steps keep the models identical
-        out = pack(x)
-        for k, m in enumerate(singles):
-            torch.testing.assert_close(out[k], m(x[k : k + 1])[0])
-        losses = [bs.train.per_model_loss(pack(x), y).sum()] + [
-            bs.train.per_model_loss(m(x[k : k + 1]), y[k : k + 1]).sum() for k, m in enumerate(singles)
-        ]
-        for opt, loss in zip(opts, losses):
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    pack.eval(), [m.eval() for m in singles]
-    for k, m in enumerate(singles):
-        torch.testing.assert_close(pack(x)[k], m(x[k : k + 1])[0])
-
-
-def test_packed_mlp_with_ln_is_the_plain_computation() -> None:
-    torch.manual_seed(1)
-    net = nets.PackedMLP(7, (5, 4), 3, "sigmoid", norm="ln", models=1).double()
-    x = torch.randn(1, 9, 7, dtype=torch.float64)
-    h = x[0]
-    for lin, n in zip(net.linears, net.norms):
-        h = torch.sigmoid(nn.functional.layer_norm(h @ lin.weight[:, :, 0].T, (lin.weight.shape[0],), n.weight, n.bias))
-    ref = h @ net.readout.weight[:, :, 0].T + net.readout.bias
-    torch.testing.assert_close(net(x)[0], ref)
-
-
-def test_packed_mlp_ws_bn_uses_standardized_weights_and_batch_norm() -> None:
-    torch.manual_seed(2)
-    net = nets.PackedMLP(6, (5,), 2, "relu", norm="ws+bn", models=2).double()
-    assert isinstance(net.linears[0], norms.WSConv1d) and isinstance(net.norms[0], norms.BatchNorm)
-    x = torch.randn(2, 8, 6, dtype=torch.float64)
-    w = norms.standardize_weight(net.linears[0].weight[5:, :, 0])  # model 1's rows
-    z = nn.functional.batch_norm(x[1] @ w.T, None, None, training=True)
-    ref = torch.relu(z) @ net.readout.weight[2:, :, 0].T + net.readout.bias[2:]
-    torch.testing.assert_close(net(x)[1], ref)
-
-
-def test_a_diverging_packed_model_does_not_disturb_the_others() -> None:
-    torch.manual_seed(3)
-    pack, single = _cnn("bn", [0, 1]).float(), _cnn("bn", [0]).float()
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    bn, ghost = norms.BatchNorm(3).double(), bs.GhostBatchNorm(3, 8).double()
     with torch.no_grad():
-        pack.convs[1].weight[8:].fill_(float("inf"))  # model 1 is broken
-    x = torch.randn(2, 4, 1, 12, 12)
-    out = pack(x)
-    assert not torch.isfinite(out[1]).any()
-    torch.testing.assert_close(out[0], single(x[:1])[0])
-    out.nan_to_num(0)[0].sum().backward()
-    assert torch.isfinite(pack.convs[0].weight.grad[:4]).all()
+        for m in (bn, ghost):
+            m.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            m.bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
+    for _ in range(3):
+        torch.testing.assert_close(ghost(x), bn(x))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ghost, name), getattr(bn, name))
+    bn.eval(), ghost.eval()
+    torch.testing.assert_close(ghost(x), bn(x))
 
 
-def test_packed_nets_reject_bad_arguments() -> None:
-    with pytest.raises(BnbookError, match="unknown norm"):
-        nets.PackedCNN(norm="instance")
-    with pytest.raises(BnbookError, match="group size"):
-        nets.PackedCNN(widths=(6, 8, 8), norm="gn", group_size=4)
-    with pytest.raises(BnbookError, match=r"inputs \(K=2"):
-        nets.PackedCNN(models=2)(torch.randn(3, 2, 1, 8, 8))
-    with pytest.raises(BnbookError, match="2 models but 3 seeds"):
-        nets.PackedMLP(4, norm="bn", models=2, seeds=[0, 1, 2])
+def test_ghost_bn_normalises_each_group_by_itself_and_averages_the_running_statistics() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(8, 3, 5, dtype=torch.float64) * 3 + 1
+    ghost = bs.GhostBatchNorm(3, 2, momentum=1.0).double()
+    chunks = [norms.BatchNorm(3, momentum=1.0).double() for _ in range(4)]
+    ref = torch.cat([bn(x[2 * i : 2 * i + 2]) for i, bn in enumerate(chunks)])
+    torch.testing.assert_close(ghost(x), ref)
+    torch.testing.assert_close(ghost.running_mean, torch.stack([bn.running_mean for bn in chunks]).mean(0))
+    torch.testing.assert_close(ghost.running_var, torch.stack([bn.running_var for bn in chunks]).mean(0))
 
 
-def test_model_depends_on_its_seed_only() -> None:
-    a, b = nets.PackedCNN(models=2, seeds=[5, 6]), nets.PackedCNN(models=1, seeds=[6])
-    torch.testing.assert_close(a.convs[1].weight[32:], b.convs[1].weight)
+def test_ghost_bn_gradient_flows_only_within_a_group() -> None:
+    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    y = bs.GhostBatchNorm(2, 3).double()(x)
+    (grad,) = torch.autograd.grad(y[0, 0] ** 2 + y[1, 1], x)
+    assert grad[3:].abs().max() == 0 and grad[:3].abs().max() > 0
+
+
+def test_ghost_batch_renorm_over_the_whole_batch_is_batch_renorm() -> None:
+    torch.manual_seed(2)
+    kw = {"warmup_steps": 1, "dmax_steps": 3, "rmax_steps": 4}
+    brn, ghost = norms.BatchRenorm(3, **kw).double(), bs.GhostBatchRenorm(3, 8, **kw).double()
+    for step in range(6):  # through the warm-up and the relaxation of r_max, d_max
+        x = torch.randn(8, 3, 2, 2, dtype=torch.float64) * (1 + step) + step
+        torch.testing.assert_close(ghost(x), brn(x))
+    torch.testing.assert_close(ghost.running_std, brn.running_std)
+    torch.testing.assert_close(ghost.running_mean, brn.running_mean)
+    brn.eval(), ghost.eval()
+    torch.testing.assert_close(ghost(x), brn(x))
+
+
+def test_ghost_batches_reject_a_batch_that_does_not_divide() -> None:
+    with pytest.raises(BnbookError, match="ghost batches of 4"):
+        bs.GhostBatchNorm(2, 4)(torch.randn(6, 2))
+    with pytest.raises(BnbookError, match="m = 1"):
+        bs.GhostBatchNorm(2, 1)(torch.randn(6, 2))
+
+
+@pytest.mark.parametrize("kind", ["bn", "brn", "ws+bn", "gn"])
+def test_with_ghost_batches_swaps_only_batch_norms_and_keeps_the_model(kind: str) -> None:
+    plain = nets.SmallCNN(1, 10, (4, 8, 8), norm=kind, seed=3, renorm={"warmup_steps": 2})
+    ghost = bs.with_ghost_batches(nets.SmallCNN(1, 10, (4, 8, 8), norm=kind, seed=3, renorm={"warmup_steps": 2}), 2)
+    expected = {"bn": bs.GhostBatchNorm, "ws+bn": bs.GhostBatchNorm, "brn": bs.GhostBatchRenorm, "gn": norms.GroupNorm}
+    assert all(type(n) is expected[kind] for n in ghost.norms)
+    assert type(ghost.convs[0]) is type(plain.convs[0])  # WS stays where it was
+    x = torch.randn(4, 1, 12, 12)
+    plain.eval(), ghost.eval()
+    torch.testing.assert_close(ghost(x), plain(x))  # same parameters and running statistics
+    if kind in bs.BATCH_DEPENDENT:
+        assert all(n.group == 2 for n in ghost.norms)
+
+
+def test_the_engine_runs_ghost_models_on_the_general_path_with_per_model_numbers() -> None:
+    """A ghost-BN MLP must not be mistaken for a plain BN MLP by the fast stacked path."""
+    make = lambda s: bs.with_ghost_batches(nets.MLP(6, (5, 5), 3, norm="bn", seed=s), 2)  # noqa: E731
+    assert isinstance(batching.batch_models([make(0), make(1)]), batching.VmapBatch)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    ds = data.Dataset("t", x, y, x[:16], y[:16], ("a", "b", "c"), "random")
+    cfg = train.FitConfig(steps=5, batch_size=8, lr=0.1, log_every=5, probe_size=4)
+    both = train.fit([make(0), make(1)], ds, cfg, seeds=[0, 1])
+    alone = train.fit([make(1)], ds, cfg, seeds=[1])
+    np.testing.assert_allclose(both.test_loss[:, 1], alone.test_loss[:, 0], rtol=1e-5)
 
 
 # ------------------------------------------------------------------ experiment helpers
@@ -102,33 +102,41 @@ def _tiny_dataset(n: int = 64) -> data.Dataset:
     return data.Dataset("tiny", x, y, x[:32], y[:32], tuple("0123456789"), "random test data")
 
 
-def test_train_packed_is_deterministic_and_reports_per_model_results() -> None:
+def _make(kind: str, seed: int) -> torch.nn.Module:
+    return nets.SmallCNN(1, 10, (4, 8, 8), norm=kind, seed=seed, renorm={"warmup_steps": 1})
+
+
+def test_sweep_trains_per_example_norms_once_and_fills_every_n() -> None:
     ds = _tiny_dataset()
-    runs = [bs.train_packed(_cnn("gn", [0, 1]).float(), ds, 8, 2, 0.05, 0.9, [0, 1]) for _ in range(2)]
-    np.testing.assert_array_equal(runs[0].test_acc, runs[1].test_acc)
-    np.testing.assert_array_equal(runs[0].epoch_loss, runs[1].epoch_loss)
-    assert runs[0].epoch_loss.shape == (2, 2) and not runs[0].diverged.any()
+    cfg = bs.BatchSizeConfig.from_params("smoke")
+    out = bs.sweep(_make, ds, ["bn", "gn"], [2, 8], [0, 1], bs.train_config(cfg, 3, 0.05))
+    assert out["acc"].shape == (2, 2, 2)
+    np.testing.assert_array_equal(out["acc"][1, 0], out["acc"][1, 1])  # GN: one set of runs
+    assert np.isnan(out["acc_batch_mode"][1]).all() and np.isfinite(out["acc_batch_mode"][0]).all()
+    assert set(out["models"]) == {("bn", 2), ("bn", 8), ("gn", 0)}
+    again = bs.sweep(_make, ds, ["bn"], [2], [0, 1], bs.train_config(cfg, 3, 0.05))
+    np.testing.assert_array_equal(again["acc"][0, 0], out["acc"][0, 0])  # deterministic
 
 
-def test_train_packed_records_divergence_as_nan() -> None:
+def test_training_mode_evaluation_leaves_the_models_untouched_and_equals_eval_for_gn() -> None:
     ds = _tiny_dataset()
-    out = bs.train_packed(_cnn("none", [0, 1]).float(), ds, 8, 2, 1e6, 0.9, [0, 1])
-    assert out.diverged.any()
-    np.testing.assert_array_equal(out.diverged, ~np.isfinite(out.epoch_loss).all(0))
-    np.testing.assert_array_equal(np.isnan(out.test_acc), out.diverged)
-
-
-def test_batch_mode_accuracy_restores_buffers_and_matches_eval_for_gn() -> None:
-    ds = _tiny_dataset()
-    net = bs.train_packed(_cnn("bn", [0, 1]).float(), ds, 8, 1, 0.05, 0.9, [0, 1]).model
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    bs.batch_mode_accuracy(net, ds.x_test, ds.y_test, 4)
-    for k, v in net.state_dict().items():
+    bn = [bs.with_ghost_batches(_make("bn", 0), 4)]
+    before = {k: v.clone() for k, v in bn[0].state_dict().items()}
+    bs._evaluate_in_training_mode(bn, ds.x_test, ds.y_test, 4)
+    for k, v in bn[0].state_dict().items():
         torch.testing.assert_close(v, before[k])
-    gn = _cnn("gn", [0]).float()
-    _, acc = bs.train.evaluate(gn, ds.x_test, ds.y_test)
-    np.testing.assert_allclose(bs.batch_mode_accuracy(gn, ds.x_test, ds.y_test, 4), acc.numpy())
-    assert np.isnan(bs.batch_mode_accuracy(gn, ds.x_test, ds.y_test, 64)).all()  # fewer than N test images
+    gn = _make("gn", 0).eval()
+    with torch.no_grad():
+        acc = float((gn(ds.x_test).argmax(-1) == ds.y_test).float().mean())
+    assert bs._evaluate_in_training_mode([gn], ds.x_test, ds.y_test, 4)[0] == pytest.approx(acc)
+    assert np.isnan(bs._evaluate_in_training_mode([gn], ds.x_test, ds.y_test, 64)).all()  # fewer than N images
+
+
+def test_verdict_reads_the_seed_ranges() -> None:
+    err = np.array([[30.0, 31.0, 32.0], [20.0, 21.0, 22.0]])  # [N index, seed]
+    assert bs._verdict(err, 0, 1).startswith("higher at the small N for every seed")
+    assert bs._verdict(err[::-1], 0, 1).startswith("lower")
+    assert bs._verdict(np.array([[20.0, 25.0], [21.0, 24.0]]), 0, 1) == "a change within the range of the seeds"
 
 
 def test_statistics_noise_of_iid_values_follows_one_over_sqrt_m() -> None:
@@ -148,27 +156,31 @@ def test_statistics_noise_sees_correlated_positions_as_fewer_samples() -> None:
     assert mu[0] > 0.8 / np.sqrt(16)  # ~1/√m, not 1/√(25 m): identical positions add nothing
 
 
-def test_scaled_lr_and_renorm_schedule() -> None:
-    assert bs.scaled_lr(0.1, 32) == pytest.approx(0.1) and bs.scaled_lr(0.1, 2) == pytest.approx(0.00625)
-    kw = bs.renorm_kwargs(1000)
-    assert (kw["warmup_steps"], kw["dmax_steps"], kw["rmax_steps"]) == (100, 500, 800)
+def test_renorm_schedule_is_in_steps_and_the_same_for_every_n() -> None:
+    cfg = bs.BatchSizeConfig.from_params("quick")
+    kw = cfg.renorm()
+    assert (kw["warmup_steps"], kw["dmax_steps"], kw["rmax_steps"]) == (50, 175, 250)
     brn = norms.BatchRenorm(2, **kw)
-    brn.num_batches_tracked.fill_(800)
+    brn.num_batches_tracked.fill_(49)
+    assert [float(v) for v in brn.current_limits()] == pytest.approx([1.0, 0.0])  # still plain BN
+    brn.num_batches_tracked.fill_(250)
     assert [float(v) for v in brn.current_limits()] == pytest.approx([3.0, 5.0])
+    assert cfg.renorm_rmax_step <= cfg.steps  # fully relaxed within the run
 
 
 def test_config_rejects_bad_parameters() -> None:
     with pytest.raises(BnbookError, match="unknown norm"):
         bs.BatchSizeConfig.from_params("smoke", norms=["bn", "batchnorm"])
-    with pytest.raises(BnbookError, match="batch sizes >= 2"):
-        bs.BatchSizeConfig.from_params("smoke", batch_sizes=[1, 8])
+    with pytest.raises(BnbookError, match="sizes >= 2"):
+        bs.BatchSizeConfig.from_params("smoke", stat_batches=[1, 8])
+    with pytest.raises(BnbookError, match="multiple of every N"):
+        bs.BatchSizeConfig.from_params("smoke", stat_batches=[3, 8])
     with pytest.raises(BnbookError, match="GroupNorm"):
         bs.BatchSizeConfig.from_params("smoke", mlp_norms=["gn"])
-    cfg = bs.BatchSizeConfig.from_params("smoke", batch_sizes=[4, 16])
-    assert cfg.batch_sizes == (4, 16)
+    assert bs.BatchSizeConfig.from_params("smoke", stat_batches=[4, 8]).stat_batches == (4, 8)
 
 
 def test_step_times_shape() -> None:
     ds = _tiny_dataset()
-    t = bs.step_times(lambda k: _cnn(k, [0]).float(), ds, ["bn", "gn"], 8, 2, 2)
+    t = bs.step_times(lambda k: _make(k, 0), ds, ["bn", "gn"], 8, 2, 2)
     assert t.shape == (2, 2) and (t > 0).all()

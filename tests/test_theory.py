@@ -267,21 +267,46 @@ def test_trained_network_measurement_is_exact_and_reproducible():
     cfg = theorems.TheoremsConfig.from_params("smoke", steps=6, checkpoints=2, width=6)
     runs = [theorems.train_and_measure(cfg, torch.device("cpu"))[1] for _ in range(2)]
     a = runs[0]
-    assert a["bn_grad_sq_bn"].shape == (3, 3, 6)
+    assert a["bn_grad_sq_bn"].shape == (3, 2, 3, 6)  # (checkpoints, seeds, layers, units)
     assert np.all(np.isfinite(a["bn_grad_sq_bn"]))
     assert np.nanmax(a["bn_res41"]) < 1e-10 and np.nanmax(a["bn_res42"]) < 1e-8
     for key in ("bn_grad_sq_bn", "bn_curv_bn", "plain_grad_sq", "test_acc_bn"):
         np.testing.assert_array_equal(runs[0][key], runs[1][key])
+    # the two seeds are different networks, and σ, γ are the factors of γ²/σ²
+    assert not np.array_equal(a["bn_grad_sq_bn"][:, 0], a["bn_grad_sq_bn"][:, 1])
+    np.testing.assert_allclose(a["bn_scale"], a["bn_gamma"] ** 2 / a["bn_sigma"] ** 2, rtol=1e-6)
+    np.testing.assert_allclose(a["bn_gamma"][0], 1.0)  # γ starts at 1
+    assert np.isnan(a["bn_input_spread"][:, :, 0]).all() and (a["bn_input_spread"][:, :, 1:] <= 0.5).all()
+    metrics = theorems.network_metrics(a, cfg)
+    assert metrics["acc_bn_min"] <= metrics["acc_bn"] <= metrics["acc_bn_max"] and len(metrics["acc_bn_seeds"]) == 2
+
+
+def test_lemma45_is_an_identity_for_any_two_matrices_and_rows_are_never_worse():
+    """The lemma's equation holds for arbitrary W0, W* with ⟨W0, W*⟩ > 0: it checks arithmetic, not BN."""
+    gen = torch.Generator().manual_seed(4)
+    W0, W_star = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    W_star += W0  # make ⟨W0, W*⟩ > 0
+    lem = theory.lemma45(W0, W_star)
+    assert lem.dist_sq_plain - lem.dist_sq_bn == pytest.approx(lem.gain_predicted, rel=1e-12)
+    cfg = theorems.TheoremsConfig.from_params("smoke", steps=4, checkpoints=2, width=6)
+    _, _, models = theorems.train_and_measure(cfg, torch.device("cpu"))
+    out = theorems.lemma45_on_network(models, cfg, torch.device("cpu"))
+    assert out["lemma_dist_bn_rows"] <= out["lemma_dist_bn"] + 1e-12
+    assert out["lemma_scale_gap_eps0"] < 1e-12 and out["lemma_identity_err"] < 1e-12
 
 
 def test_chapter_phrases_follow_the_metrics_and_survive_missing_values():
     M = {"L1_mean_frac_all": 0.02, "L1_yhat_frac_all": 0.01, "L1_scale_med": 0.3, "L1_curv_red_share_median": 0.1,
          "L2_mean_frac_all": 0.001, "L2_yhat_frac_all": 0.01, "L2_scale_med": 15.0, "L3_scale_med": None}
+    M.update({"L2_amplified": 2 / 3, "L2_sigma_med": 0.2, "L2_gamma_med": 1.05, "net_seeds": 3, "bn_better_seeds": 1})
     p = theorems.summary_phrases(M)
     assert p["dominant"] == "layer 1: the mean term; layer 2: the ŷ term"
-    assert p["amplified_layers"] == "2" and "larger than 1" in p["scale_verdict"]
+    assert p["amplified_layers"] == "layer 2" and "above 1 in layer 2" in p["scale_verdict"]
+    assert "2 of 3 seeds" in p["scale_verdict"] and "small σ_j sets the factor" in p["scale_verdict"]
+    assert "(s)" not in p["scale_verdict"] and p["seed_verdict"] == "BN ends ahead in 1 of 3 seeds"
     assert p["removed_max"] == "3.0" and p["red_share_max"] == "10.0" and p["red_init_max"] == "—"
     assert "below 1" in theorems.summary_phrases({"L1_scale_med": 0.5})["scale_verdict"]
+    assert theorems._layer_list([1, 2, 3]) == "layers 1, 2 and 3"
     rows = theorems.paper_vs_ours({k: None for k in ("inst_res41_max", "inst_printed41_fail_frac", "inst_res42_max",
                                                       "inst_t44_corrected_hold_frac", "inst_t44_printed_fail_frac")})
     assert len(rows) == 6 and all("—" in r["ours"] for r in rows)
