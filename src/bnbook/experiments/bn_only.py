@@ -586,3 +586,288 @@ def run(cfg: BnOnlyConfig, device: torch.device) -> Outcome:
     m["paper_table"] = paper_rows
     m["paper_headline"] = PAPER_HEADLINE
     return Outcome(metrics=m, arrays=arrays, datasets=[cfg.dataset])
+
+
+# ------------------------------------------------------------------ figures
+COLORS = {"all": "#d62728", "bn": "#1f77b4", "bn+output": "#17becf", "output": "#7f7f7f", "random": "#ff7f0e"}
+"""One colour per condition, on every figure of the chapter."""
+
+
+def _band(ax, x, values, color, label, marker="o", ls="-"):
+    """Mean over seeds (last axis) as a line, each seed as a faint dot."""
+    mean = np.nanmean(values, axis=-1)
+    ax.plot(x, mean, marker=marker, ls=ls, color=color, label=label)
+    for s in range(values.shape[-1]):
+        ax.scatter(x, values[..., s], color=color, alpha=0.35, s=12, lw=0)
+
+
+def _spread(values: Sequence[int], most: int) -> list[int]:
+    """At most ``most`` of ``values``, evenly spread, always with the first and the last."""
+    values = list(values)
+    if len(values) <= most:
+        return values
+    idx = np.unique(np.round(np.linspace(0, len(values) - 1, most)).astype(int))
+    return [values[i] for i in idx]
+
+
+def figure_series(res: results.Result) -> Figure:
+    """Left: test accuracy against depth, every condition. Right: accuracy against the number of trained
+    parameters, for the depth series and the width series (BN-only and all trained)."""
+    import matplotlib.pyplot as plt
+
+    a, m = res.arrays, res.metrics
+    conditions = [r["condition"] for r in m["condition_table"][:: len(m["depths"])]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, c in enumerate(conditions):
+        _band(ax1, a["depths"], a["depth_acc"][i], COLORS[c], lib.LABELS[c])
+    ax1.set(xlabel="depth N of ResNet-N", ylabel="test accuracy", xticks=a["depths"],
+            title=f"depth series (W = {m['width']})")
+    ax1.legend(fontsize=8)
+    for i, c in enumerate(conditions):
+        if c in ("bn", "all"):
+            _band(ax2, a["depth_trainable"][i], a["depth_acc"][i], COLORS[c], f"{lib.LABELS[c]}: deeper")
+    for i, c in enumerate(m["width_acc"]):
+        _band(ax2, a["width_trainable"][i], a["width_acc"][i], COLORS[c], f"{lib.LABELS[c]}: wider",
+              marker="s", ls="--")
+    ax2.set(xscale="log", xlabel="trained parameters", ylabel="test accuracy",
+            title=f"depth series vs width series (ResNet-{m['width_depth']})")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figure_gamma(res: results.Result) -> Figure:
+    """γ (top) and β (bottom) after training, BN-only vs all trained, one column per depth (at most four,
+    spread over the series); the dashed line is the threshold below which a γ counts as switched off."""
+    import matplotlib.pyplot as plt
+
+    a, m = res.arrays, res.metrics
+    depths = _spread(m["depths"], 4)
+    fig, axes = plt.subplots(2, len(depths), figsize=(2.6 * len(depths) + 0.6, 5.2), squeeze=False)
+    for j, d in enumerate(depths):
+        for c in ("all", "bn"):
+            if f"gamma_{c}_{d}" not in a:
+                continue
+            for row, name in enumerate(("gamma", "beta")):
+                values = a[f"{name}_{c}_{d}"].ravel()
+                axes[row, j].hist(values, bins=40, color=COLORS[c], alpha=0.55, label=lib.LABELS[c], density=True)
+        axes[0, j].axvline(m["gamma_threshold"], color="k", ls="--", lw=1)
+        axes[0, j].axvline(-m["gamma_threshold"], color="k", ls="--", lw=1)
+        axes[0, j].set(title=f"ResNet-{d}", xlabel="γ")
+        axes[1, j].set(xlabel="β")
+    axes[0, 0].set_ylabel("density")
+    axes[1, 0].set_ylabel("density")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def figure_ablation(res: results.Result) -> Figure:
+    """Accuracy lost when γ is set to 0 on the channels with |γ| below each threshold (solid) and on as
+    many randomly chosen channels (dotted), against the fraction of channels switched off."""
+    import matplotlib.pyplot as plt
+
+    m = res.metrics
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    markers = "os^Dv<>"
+    for c in ("bn", "all"):
+        for j, d in enumerate(m["depths"]):
+            rows = [r for r in m["ablation_table"] if r["condition"] == c and r["depth"] == d]
+            if not rows:
+                continue
+            off = [r["off"] for r in rows]
+            ax.plot(off, [r["drop"] for r in rows], marker=markers[j % 7], color=COLORS[c],
+                    label=f"{lib.LABELS[c]}, ResNet-{d}")
+            ax.plot(off, [r["drop_random"] for r in rows], marker=markers[j % 7], color=COLORS[c], ls=":",
+                    alpha=0.6)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set(xlabel="fraction of BN channels with γ set to 0", ylabel="accuracy lost",
+           title="solid: smallest |γ|; dotted: random channels")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def figure_gradients(res: results.Result) -> Figure:
+    """Mean |∂L/∂θ| per entry of γ, β, conv weights and the output layer over training (all trained),
+    for the shallowest and the deepest net, and ‖∂L/∂θ‖/‖θ‖ of the deepest in the last panel."""
+    import matplotlib.pyplot as plt
+
+    a, m = res.arrays, res.metrics
+    depths = _spread([r["depth"] for r in m["grad_table"]], 2)
+    steps = a["grad_steps"]
+    groups = {"gamma": ("γ", "#1f77b4"), "beta": ("β", "#17becf"), "conv": ("conv weights", "#d62728"),
+              "output": ("output layer", "#7f7f7f")}
+    fig, axes = plt.subplots(1, len(depths) + 1, figsize=(3.2 * (len(depths) + 1), 3.4), squeeze=False)
+    for j, d in enumerate(depths):
+        ax = axes[0, j]
+        for g, (label, color) in groups.items():
+            ax.plot(steps, a[f"grad_mean_abs_{g}_{d}"].mean(0), color=color, label=label)
+        ax.set(yscale="log", xlabel="step", title=f"ResNet-{d}: mean |gradient|")
+    axes[0, 0].legend(fontsize=8)
+    ax = axes[0, -1]
+    d = depths[-1]
+    for g in ("gamma", "conv", "output"):
+        label, color = groups[g]
+        ax.plot(steps, a[f"grad_relative_{g}_{d}"].mean(0), color=color, label=label)
+    ax.set(yscale="log", xlabel="step", title=f"ResNet-{d}: ‖gradient‖ / ‖θ‖")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------ numbers and phrases for the prose
+def trend(values: Sequence[float], tolerance: float = 0.0) -> str:
+    """``"rises"`` / ``"falls"`` if ``values`` (in series order) change monotonically by more than
+    ``tolerance`` at each step, ``"is measured at one point only"`` for one value, else
+    ``"does not change monotonically"``."""
+    v = [float(x) for x in values]
+    if len(v) < 2:
+        return "is measured at one point only"
+    steps = np.diff(v)
+    if (steps > tolerance).all():
+        return "rises"
+    if (steps < -tolerance).all():
+        return "falls"
+    return "does not change monotonically"
+
+
+def comparison(a: float, b: float, more: str = "higher", less: str = "lower", same: str = "the same") -> str:
+    """``more`` if ``a > b``, ``less`` if ``a < b``, else ``same``."""
+    return more if a > b else less if a < b else same
+
+
+def prose_numbers(res: results.Result) -> list[tuple[str, Any, str]]:
+    """``(glue name, value, format)`` for the chapter's prose: the shallowest (``lo``) and deepest (``hi``)
+    nets of the depth series, the narrowest and widest of the width series, and phrases that say what
+    the data show (a trend is only called a trend if every step of the series goes the same way)."""
+    m = res.metrics
+    depths, widths = m["depths"], m["widths"]
+    lo, hi = str(depths[0]), str(depths[-1])
+    wlo, whi = str(widths[0]), str(widths[-1])
+    acc = m["acc"]
+    conds = list(acc)
+    out: list[tuple[str, Any, str]] = [
+        ("d_lo", depths[0], "d"), ("d_hi", depths[-1], "d"), ("w_lo", widths[0], "d"), ("w_hi", widths[-1], "d"),
+        ("n_depths", len(depths), "d"), ("n_widths", len(widths), "d"),
+        ("width", m["width"], "d"), ("width_depth", m["width_depth"], "d"), ("variant_depth", m["variant_depth"], "d"),
+        ("train_images", m["train_images"], ","), ("test_images", m["test_images"], ","),
+        ("image_size", m["image_size"], "d"), ("steps", m["steps"], ","), ("batch", m["batch_size"], "d"),
+        ("epochs", m["epochs"], ".2g"), ("seeds", m["seeds"], "d"), ("units", m["units"], "d"),
+        ("groups", m["groups"], "d"), ("tau", m["gamma_threshold"], "g"), ("lr", m["lr"], "g"),
+        ("diverged_units", m["diverged_units"], "d"), ("grid_wall", m["grid_wall_s"], ".0f"),
+        ("unit_train", m["unit_train_s"], ".0f"), ("runtime", res.record["runtime_s"], ".0f"),
+        ("below_init", m["below_init"], ".1%"), ("paper_acc", m["paper_headline"]["acc"], ".0f"),
+        ("paper_depth", m["paper_headline"]["depth"], "d"), ("paper_epochs", m["paper_headline"]["epochs"], "d"),
+        ("changed_ok", "holds for every unit" if m["changed_ok"] else "fails for at least one unit", ""),
+        ("random_count_ok", "exactly" if m["random_equals_bn"] else "not exactly", ""),
+        ("paper_blocks_ratio", (PAPER_DEPTHS[-1] - 2) / (PAPER_DEPTHS[0] - 2), ".0f"),
+    ]
+    for c in conds:
+        key = c.replace("+", "_")
+        out += [(f"acc_{key}_lo", acc[c][lo], ".1%"), (f"acc_{key}_hi", acc[c][hi], ".1%"),
+                (f"gap_{key}_hi", m["gap"][c][hi], "+.1%"), (f"gap_{key}_lo", m["gap"][c][lo], "+.1%"),
+                (f"trainable_{key}_lo", m["trainable"][c][lo], ","), (f"trainable_{key}_hi", m["trainable"][c][hi], ",")]
+    out += [("params_lo", m["parameters"][lo], ","), ("params_hi", m["parameters"][hi], ","),
+            ("channels_lo", m["bn_channels"][lo], ","), ("channels_hi", m["bn_channels"][hi], ",")]
+    if "bn" in acc:
+        out += [("share_bn_lo", m["trainable"]["bn"][lo] / m["parameters"][lo], ".2%"),
+                ("share_bn_hi", m["trainable"]["bn"][hi] / m["parameters"][hi], ".2%"),
+                ("bn_trend", trend([acc["bn"][str(d)] for d in depths]), "")]
+    if "output" in acc:
+        out += [("output_trend", trend([acc["output"][str(d)] for d in depths]), "")]
+    if "bn" in acc and "random" in acc:
+        above = [acc["bn"][str(d)] > acc["random"][str(d)] for d in depths]
+        out += [("bn_vs_random", "above the random-weights control at every depth" if all(above)
+                 else "below the random-weights control at every depth" if not any(above)
+                 else "above the random-weights control at some depths and below it at others", "")]
+    if "bn" in acc and "output" in acc:
+        out += [("bn_vs_output_hi", comparison(acc["bn"][hi], acc["output"][hi], "above", "below", "level with"), ""),
+                ("bn_vs_output_lo", comparison(acc["bn"][lo], acc["output"][lo], "above", "below", "level with"), "")]
+    for c, series in m["width_acc"].items():
+        key = c.replace("+", "_")
+        out += [(f"wacc_{key}_lo", series[wlo], ".1%"), (f"wacc_{key}_hi", series[whi], ".1%"),
+                (f"wtrainable_{key}_lo", m["width_trainable"][c][wlo], ","),
+                (f"wtrainable_{key}_hi", m["width_trainable"][c][whi], ","),
+                (f"wtrend_{key}", trend([series[str(w)] for w in widths]), "")]
+    for c in ("bn", "all"):
+        if hi in m["below"].get(c, {}):
+            out += [(f"below_{c}_hi", m["below"][c][hi], ".1%"), (f"below_{c}_lo", m["below"][c][lo], ".1%"),
+                    (f"off_{c}_hi", m["off"][c][hi], ".1%"), (f"drop_{c}_hi", m["drop"][c][hi], "+.1%"),
+                    (f"drop_random_{c}_hi", m["drop_random"][c][hi], "+.1%"),
+                    (f"beta_mean_{c}_hi", m["beta"][c][hi]["mean"], "+.3f"),
+                    (f"beta_sd_{c}_hi", m["beta"][c][hi]["sd"], ".3f"),
+                    (f"beta_neg_{c}_hi", m["beta"][c][hi]["negative"], ".0%")]
+    gneg = {r["condition"]: r["negative"] for r in m["gamma_table"] if str(r["depth"]) == hi}
+    for c, v in gneg.items():
+        out += [(f"gamma_neg_{c}_hi", v, ".1%")]
+    big = [r for r in m["ablation_table"] if r["threshold"] == max(x["threshold"] for x in m["ablation_table"])]
+    if big:
+        out += [("tau_max", big[0]["threshold"], "g"),
+                ("max_drop", max(r["drop"] for r in big), "+.1%"),
+                ("min_drop_random", min(r["drop_random"] for r in big), "+.1%"),
+                ("max_off", max(r["off"] for r in big), ".0%")]
+    for key, value in m["init_acc"].items():
+        out += [(f"init_acc_{key}", value, ".1%")]
+    for key, value in m["init_below"].items():
+        out += [(f"init_below_{key}", value, ".1%")]
+    for c in ("all", "bn"):
+        out += [(f"init_effect_{c}", comparison(m["init_acc"][f"{c}_one"], m["init_acc"][f"{c}_uniform"]), "")]
+    for p, v in m["removal_acc"].items():
+        out += [(f"removal_acc_{p}", v, ".1%"), (f"removal_div_{p}", m["removal_diverged"][p], "d")]
+    for key, v in m["step_ms"].items():
+        k = key.replace("/", "_").replace("+", "_")
+        out += [(f"ms_{k}", v, ".1f"), (f"rel_{k}", m["step_relative"][key], ".2f")]
+    out += [("bn_saving", 1 - m["step_relative"]["bn/all"], ".0%")]
+    if m["grad_table"]:
+        ratios = [r["ratio_gamma_conv"] for r in m["grad_table"]]
+        rel = [r["ratio_rel_gamma_conv"] for r in m["grad_table"]]
+        out += [("grad_ratio_min", min(ratios), ".1f"), ("grad_ratio_max", max(ratios), ".1f"),
+                ("grad_rel_min", min(rel), ".2f"), ("grad_rel_max", max(rel), ".2f"),
+                ("grad_rel_phrase", "smaller than the convolution weights' at every depth" if max(rel) < 1
+                 else "larger than the convolution weights' at every depth" if min(rel) > 1
+                 else "smaller than the convolution weights' at some depths and larger at others", "")]
+    # the paper profile's protocol, from its config
+    pp = BnOnlyConfig.from_params("paper")
+    epoch = 50_000 // pp.batch_size  # CIFAR-10's 50,000 training images, last partial batch dropped
+    milestones = [round(f * pp.steps) for f in pp.milestones]
+    out += [("pp_steps", pp.steps, ","), ("pp_batch", pp.batch_size, "d"), ("pp_epochs", pp.steps / epoch, ".0f"),
+            ("pp_epoch_steps", epoch, "d"), ("pp_lr", pp.lr, "g"), ("pp_momentum", pp.momentum, "g"),
+            ("pp_gamma", train.FitConfig.__dataclass_fields__["lr_gamma"].default, "g"), ("pp_m1", milestones[0], ","), ("pp_m2", milestones[1], ","),
+            ("pp_e1", milestones[0] / epoch, ".0f"), ("pp_e2", milestones[1] / epoch, ".0f"),
+            ("pp_wd", pp.weight_decay, "g"), ("pp_d_lo", pp.depths[0], "d"), ("pp_d_hi", pp.depths[-1], "d")]
+    # phrases whose wording depends on the data
+    if "bn" in m["below"] and m["below"]["bn"]:
+        f = max(m["below"]["bn"].values())
+        out += [("below_bn_max", f, ".1%"),
+                ("third_phrase", "far fewer than a third" if f < 0.2 else "fewer than a third" if f < 0.28
+                 else "about a third" if f <= 0.4 else "more than a third", "")]
+    if hi in m["beta"].get("bn", {}) and hi in m["beta"].get("all", {}):
+        out += [("beta_width_phrase", comparison(m["beta"]["all"][hi]["sd"], m["beta"]["bn"][hi]["sd"],
+                                                 "wider", "narrower", "as wide"), "")]
+    if m["ablation_table"]:
+        less = all(r["drop"] < r["drop_random"] for r in m["ablation_table"])
+        out += [("ablation_phrase", "at every threshold and depth, zeroing them cost less accuracy than zeroing "
+                 "as many random channels" if less else "at some thresholds or depths, zeroing them cost as much "
+                 "accuracy as zeroing as many random channels, or more", ""),
+                ("ablation_verdict", "matter less to the net than randomly chosen channels" if less
+                 else "do not consistently matter less to the net than randomly chosen channels", "")]
+    if m["grad_table"]:
+        out += [("grad_entry_phrase", "holds here too" if min(ratios) > 1 else "does not hold at every depth here", ""),
+                ("grad_entry_verdict", "receive larger" if min(ratios) > 1 else "do not consistently receive larger", "")]
+    if "all" in m["removal_acc"] and "none" in m["removal_acc"]:
+        gap_none = m["removal_acc"]["all"] - m["removal_acc"]["none"]
+        out += [("removal_none_phrase", "well below the net with BN: at this learning rate and initialisation the "
+                 "BN-free ResNet trains poorly, and would need settings of its own" if gap_none > 0.05
+                 else "close to the net with BN", "")]
+    if "bn" in acc and "random" in acc:
+        out += [("diff_bn_random_hi", acc["bn"][hi] - acc["random"][hi], "+.1%"),
+                ("bn_random_verdict", "beats" if all(above) else "does not consistently beat", "")]
+    spread = np.nanmax(res.arrays["depth_acc"], axis=-1) - np.nanmin(res.arrays["depth_acc"], axis=-1)
+    out += [("seed_spread_max", float(np.nanmax(spread)), ".1%"),
+            ("init_diff_bn", m["init_acc"]["bn_one"] - m["init_acc"]["bn_uniform"], "+.1%")]
+    gaps = {c: max(m["gap"][c].values()) for c in conds}
+    out += [("gap_max_bn", gaps.get("bn", float("nan")), "+.1%"), ("gap_max_all", gaps.get("all", float("nan")), "+.1%")]
+    if "bn" in gaps and "all" in gaps:
+        out += [("gap_phrase", comparison(gaps["bn"], gaps["all"], "larger than", "smaller than", "equal to"), "")]
+    return out
