@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -267,4 +268,66 @@ def test_batch_losses_are_the_engines_training_losses(name):
     x = torch.randn(7, 5, generator=gen)
     y = torch.randint(0, 4, (7,), generator=gen) if name == "cross_entropy" else torch.randn(7, 4, generator=gen)
     ours = landscape.batch_loss(name)(model(x), y)
-    assert float(ours) == pytest.approx(float(train.model_loss(model, x, y, loss=name)), rel=1e-6)
+    assert float(ours.detach()) == pytest.approx(float(train.model_loss(model, x, y, loss=name).detach()), rel=1e-6)
+
+
+def test_activation_summary_agrees_with_moments_and_quantiles():
+    net = TinyNet()
+    x, _ = _tiny_batch()
+    moments = landscape.activation_moments(net, x)
+    summary = landscape.activation_summary(net, x, [1, 0], (10, 50, 90))
+    for (mu, var, q), layer in zip(summary, (1, 0)):
+        torch.testing.assert_close(mu, moments[layer][0])
+        torch.testing.assert_close(var, moments[layer][1])
+        net.train()
+        with torch.no_grad():
+            values = net(x, features=True)[1][layer].flatten()
+        torch.testing.assert_close(q, torch.quantile(values, torch.tensor([0.1, 0.5, 0.9])))
+
+
+# ------------------------------------------------------------------ the chapter's experiment
+def test_dln_dataset_is_a_linear_map_fixed_by_its_seed():
+    from bnbook.experiments import landscape as ch
+
+    ds = ch.dln_dataset(50, 4, seed=3)
+    A = torch.linalg.lstsq(ds.x_train, ds.y_train).solution.T
+    torch.testing.assert_close(ds.x_test @ A.T, ds.y_test, rtol=1e-4, atol=1e-4)  # one A for both splits
+    assert torch.equal(ds.x_train, ch.dln_dataset(50, 4, seed=3).x_train)
+    assert not torch.equal(ds.x_train, ch.dln_dataset(50, 4, seed=4).x_train)
+
+
+def test_landscape_hook_records_the_documented_shapes_and_leaves_training_unchanged():
+    from bnbook import nets, train
+    from bnbook.experiments import landscape as ch
+
+    ds = ch.dln_dataset(64, 4, seed=0)
+    cfg = train.FitConfig(steps=4, batch_size=64, lr=1e-3, loss="squared_sum", log_every=2)
+
+    def models():
+        return [nets.DeepLinear(dim=4, depth=3, norm="bn", seed=k) for k in range(2)]
+
+    hook = ch.landscape_hook((0.1, 1.0, 10.0), "squared_sum", ("gradient", "random"), bn_terms=True, seed=0)
+    with_hook = train.fit(models(), ds, cfg, hooks={"land": train.StepHook(hook, every=2, at=(1,))})
+    without = train.fit(models(), ds, cfg)
+    np.testing.assert_array_equal(with_hook.train_loss, without.train_loss)  # probing changes nothing
+    h = with_hook.hooks["land"]
+    assert h["steps"].tolist() == [0, 1, 2]
+    v = h["values"]
+    assert v["loss"].shape == (3, 2, 2, 3) and v["beta"].shape == (3, 2, 2, 3)
+    assert v["layer_grad"].shape == (3, 2, 3)  # every block's output, the read-out included
+    assert v["t41_scale_med"].shape == (3, 2, 2)  # a BN layer after each of the first depth − 1 layers
+    assert float(np.max(v["t41_res"])) < 1e-4  # Theorem 4.1's identity inside the net
+    m = ch.landscape.fig4_measures(torch.as_tensor(v["loss"][..., 0, :]), torch.as_tensor(v["change"][..., 0, :]),
+                                   torch.as_tensor(v["beta"][..., 0, :]))
+    assert bool((m["change_max"] >= m["change_min"]).all())
+
+
+def test_config_rejects_what_the_chapter_cannot_compare():
+    from bnbook.errors import BnbookError
+    from bnbook.experiments import landscape as ch
+
+    with pytest.raises(BnbookError, match="'none' and 'bn'"):
+        ch.LandscapeConfig(variants=("bn", "l1"))
+    with pytest.raises(BnbookError, match="probe_batch"):
+        ch.LandscapeConfig(probe_batch="other")
+    assert ch.LandscapeConfig.from_params("paper").dataset == "cifar10"

@@ -55,6 +55,7 @@ __all__ = [
     "bn_layer_terms",
     "layer_gradient_norms",
     "activation_moments",
+    "activation_summary",
     "activation_sample",
     "filter_normalized_direction",
     "surface_2d",
@@ -363,6 +364,26 @@ def activation_moments(model: nn.Module, x: Tensor) -> list[tuple[Tensor, Tensor
         _, feats = _features(model, x)
         cols = [_columns(f.float()) for f in feats]
         return [(c.mean(0), c.var(0, correction=0)) for c in cols]
+
+
+def activation_summary(
+    model: nn.Module, x: Tensor, layers: Sequence[int], quantiles: Sequence[float]
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """For each block in ``layers``: per-channel mean and variance, and the ``quantiles`` (in %) of all its values.
+
+    One training-mode forward pass, no trace; the moments are those of
+    :func:`activation_moments`.
+    """
+    q = torch.tensor([float(p) / 100 for p in quantiles])
+    with no_side_effects(model), torch.no_grad():
+        model.train()
+        _, feats = _features(model, x)
+        out = []
+        for layer in layers:
+            f = feats[layer].float()
+            c = _columns(f)
+            out.append((c.mean(0), c.var(0, correction=0), torch.quantile(f.flatten()[: 2**24], q.to(f.device))))
+    return out
 
 
 def activation_sample(model: nn.Module, x: Tensor, layer: int, size: int, seed: int = 0) -> Tensor:
