@@ -2,6 +2,7 @@
 the runner's messages, status page and exit codes (issue 11 cases 1, 2, 3, 5, 7; issue 16 items 7, 8)."""
 
 import errno
+import os
 import json
 import textwrap
 
@@ -56,6 +57,7 @@ CHAPTER = HEADER + textwrap.dedent('''\
     device = "auto"
     seed = 0
     steps = 5
+    scale = 1.0  # a parameter that feeds no config field: checked against its default's type only
     ```
 
     ```{code-cell} ipython3
@@ -296,6 +298,16 @@ def test_runner_output_status_page_and_files(project, capfd):
            "commit_modified": True}
     assert runner._device_text(row) == "cuda:0 (NVIDIA H100 80GB HBM3)"
     assert runner._commit_text(row) == "aaaaaaaaaa (with local changes)"
+
+
+def test_non_finite_values_never_break_the_record(project, capsys):
+    """Case 1: a run record holds NaN/inf as the strings "nan"/"inf" (JSON has no such numbers)."""
+    assert cli("run", "01", "--profile", "smoke", "-p", "scale=1e999") == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert record(project)["parameters"]["scale"] == "inf"
+    runner.check_publishable(project, any_profile=True)  # the key recomputed from the record matches
+    assert results.to_jsonable({"a": float("nan")}) == {"a": None}
+    assert results.to_jsonable([float("-inf")], nonfinite="string") == ["-inf"]
 
 
 def test_version(capsys):

@@ -617,21 +617,26 @@ def run_chapter(
     """
     import jupytext
 
+    from bnbook.results import to_jsonable
+
     if nb is None:
         nb = jupytext.read(chapter.source)
-    all_params = json.loads(json.dumps({"profile": profile, "device": device, "seed": seed, **params}))
+    values = {"profile": profile, "device": device, "seed": seed, **params}
+    # The key and the record use the JSON form (tuples as lists, NaN/inf as strings), so that
+    # ``bnbook build`` recomputes the same key from the record.
+    recorded = to_jsonable(values, nonfinite="string")
     t0 = time.perf_counter()
     with _chapter_lock(project, chapter, echo):
-        key = run_key(project, chapter, all_params, nb)
+        key = run_key(project, chapter, recorded, nb)
         if not (force or recompute) and is_current(project, chapter, key):
             return Outcome(chapter, "skipped", "unchanged since its last run", time.perf_counter() - t0)
-        outcome = _execute(project, chapter, nb, key, all_params, recompute=recompute, echo=echo)
+        outcome = _execute(project, chapter, nb, key, values, recorded, recompute=recompute, echo=echo)
     outcome.elapsed_s = time.perf_counter() - t0
     return outcome
 
 
 def _execute(
-    project: Project, chapter: Chapter, nb: Any, key: str, all_params: dict[str, Any], *,
+    project: Project, chapter: Chapter, nb: Any, key: str, values: dict[str, Any], recorded: dict[str, Any], *,
     recompute: bool, echo: Callable[[str], None],
 ) -> Outcome:
     import nbformat
@@ -640,7 +645,7 @@ def _execute(
     from bnbook.env import device_name, git_revision, package_list, resolve_device
     from bnbook.results import RECOMPUTE_ENV, Transaction, json_bytes, to_jsonable, write_atomic
 
-    resolved = resolve_device(all_params["device"])
+    resolved = resolve_device(values["device"])
     published = project.executed_dir / f"{chapter.name}.ipynb"
     project.executed_dir.mkdir(parents=True, exist_ok=True)
     env_backup = dict(os.environ)
@@ -659,7 +664,7 @@ def _execute(
         error: BaseException | None = None
         try:
             papermill.execute_notebook(
-                str(src), str(dst), parameters={k: _injectable(v) for k, v in all_params.items()},
+                str(src), str(dst), parameters={k: _injectable(v) for k, v in values.items()},
                 kernel_name="python3", cwd=str(project.executed_dir),
                 progress_bar=False, log_output=False, report_mode=False,
                 kernel_manager_class=_kernel_manager_class(Path(tmp)),
@@ -674,8 +679,8 @@ def _execute(
         revision = git_revision(project.root)
         record = to_jsonable({
             "chapter": chapter.name, "key": key, "ok": error is None,
-            "profile": all_params["profile"], "device": str(resolved), "device_name": device_name(resolved),
-            "seed": all_params["seed"], "parameters": all_params, "runtime_s": round(runtime, 2),
+            "profile": values["profile"], "device": str(resolved), "device_name": device_name(resolved),
+            "seed": values["seed"], "parameters": recorded, "runtime_s": round(runtime, 2),
             "started": started.isoformat(timespec="seconds"),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "commit": revision["commit"], "commit_modified": revision["modified"],
@@ -916,6 +921,24 @@ def make_parser() -> argparse.ArgumentParser:
     p_build.add_argument("--any-profile", action="store_true",
                          help="publish even if chapters ran with the smoke profile or with different profiles")
     sub.add_parser("status", help="print each chapter's last run (exit status 1 if one failed)")
+    p_sweep = sub.add_parser(
+        "sweep", help="dispatch a chapter's grid of runs as independent jobs (local processes or Slurm)",
+        description="Enumerate the chapter's grid (one cached result per unit), skip the units already cached "
+                    "and submit the rest through submitit; `bnbook run` afterwards renders from the cache.",
+    )
+    p_sweep.add_argument("chapter", help="chapter name, number or slug (a chapter that declares a grid, e.g. 08)")
+    p_sweep.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)} (default quick)")
+    p_sweep.add_argument("--device", default="auto", help="device of every job: auto, cpu, cuda or cuda:N")
+    p_sweep.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p_sweep.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="set a chapter parameter (repeatable), as for `bnbook run`")
+    p_sweep.add_argument("--executor", choices=("local", "slurm"), default="local",
+                         help="local: processes on this machine; slurm: one Slurm job per unit (default local)")
+    p_sweep.add_argument("--dry-run", action="store_true", help="list the units, which are cached, and the cost")
+    p_sweep.add_argument("--slurm-partition", default=None, help="Slurm partition")
+    p_sweep.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per Slurm job (default 1)")
+    p_sweep.add_argument("--timeout-min", type=int, default=60, help="wall-clock limit of each job (default 60)")
+    p_sweep.add_argument("--max-parallel", type=int, default=None, help="at most this many jobs at once")
     return parser
 
 
@@ -976,6 +999,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             lines, failed = _status_lines(project)
             print("\n".join(lines))
             return 1 if failed else 0
+        elif args.command == "sweep":
+            from bnbook import sweep
+
+            (chapter,) = select(discover(project), [args.chapter])
+            params = {"device": args.device, "seed": args.seed, **parse_assignments(args.param)}
+            return sweep.command(
+                chapter.source, profile=args.profile, params=params, executor=args.executor,
+                dry_run=args.dry_run, partition=args.slurm_partition, gpus_per_job=args.gpus_per_job,
+                timeout_min=args.timeout_min, max_parallel=args.max_parallel,
+            )
     except BnbookError as exc:
         print(f"bnbook: error: {exc}", file=sys.stderr)
         return 2
