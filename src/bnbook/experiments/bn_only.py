@@ -668,7 +668,7 @@ def figure_ablation(res: results.Result) -> Figure:
     import matplotlib.pyplot as plt
 
     m = res.metrics
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     markers = "os^Dv<>"
     for c in ("bn", "all"):
         for j, d in enumerate(m["depths"]):
@@ -683,7 +683,7 @@ def figure_ablation(res: results.Result) -> Figure:
     ax.axhline(0, color="0.5", lw=0.8)
     ax.set(xlabel="fraction of BN channels with γ set to 0", ylabel="accuracy lost",
            title="solid: smallest |γ|; dotted: random channels")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
