@@ -589,13 +589,19 @@ def _outcome(cfg, ds, n_available, mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, 
         metrics["gn_minus_bn_lo"], metrics["gn_minus_bn_hi"] = metrics["gn_minus_bn"][str(lo)], metrics["gn_minus_bn"][str(hi)]
     if "gn" in cfg.norms and "bn" in cfg.norms:
         metrics["gn_vs_bn_phrase"] = (
-            "GN is behind BN even there: the sign of Wu and He's result is not reproduced at this scale"
+            "GN is behind BN even there, so the sign of Wu and He's result is not reproduced at this scale"
             if metrics["gn_minus_bn_lo"] > 0 else "GN is ahead of BN there, as in Wu and He's Table 2"
+        )
+    if "bn" in cfg.norms:  # which estimate is better at the largest N: the batch's or the running averages?
+        gap = metrics["error_train_mode_hi"]["bn"] - metrics["error_hi"]["bn"]
+        metrics["modes_hi_phrase"] = (
+            "the batch statistics are the better estimate there: training mode errs less than inference mode"
+            if gap < 0 else "inference mode errs less there too"
         )
     if "ws" in cfg.norms:  # does WS alone learn at all? (a held-out loss near ln C is a uniform guess)
         chance = float(np.log(ds.num_classes))
         metrics["ws_alone_phrase"] = (
-            "does not learn at this learning rate: its held-out loss is that of a uniform guess over the classes"
+            "does not learn at this learning rate (its held-out loss is that of a uniform guess over the classes)"
             if metrics["loss_lo"]["ws"] > 0.95 * chance else "learns, but without an activation normaliser"
         )
     # noise: "effective values per image" 1/(N·spread²) — H·W if every position were independent
@@ -603,6 +609,19 @@ def _outcome(cfg, ds, n_available, mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, 
     layers = [k for k in noise if not k.endswith("_positions")]
     metrics["noise_spread_mu"] = {k: dict(zip(map(str, noise_sizes), noise[k][0])) for k in layers}
     metrics["noise_effective_per_image"] = {k: float(np.median(1 / (m * noise[k][0] ** 2))) for k in layers}
+    # exercise 3: P positions with pairwise correlation ρ act like P_eff = P / (1 + (P − 1) ρ) values
+    corr = {}
+    for k in layers:
+        positions = noise.get(f"{k}_positions", 1)
+        if positions > 1:
+            corr[k] = float((positions / metrics["noise_effective_per_image"][k] - 1) / (positions - 1))
+    metrics["noise_correlation"] = corr
+    if len(corr) > 1:
+        values = [corr[k] for k in sorted(corr)]
+        metrics["noise_correlation_trend"] = (
+            "rises from block to block" if all(b > a for a, b in zip(values, values[1:])) else
+            "does not rise steadily from block to block"
+        )
     if noise_sizes:  # the smallest and largest m under fixed names, for the prose
         metrics["noise_m_lo"], metrics["noise_m_hi"] = min(noise_sizes), max(noise_sizes)
         metrics["noise_spread_mu_lo"] = {k: float(noise[k][0][0]) for k in layers}
@@ -622,9 +641,9 @@ def _outcome(cfg, ds, n_available, mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, 
 
 GLUE_FORMATS = {
     "error*": ".1f", "mlp_error*": ".1f", "loss*": ".3f", "mlp_loss*": ".3f", "penalty_*": "+.1f",
-    "mlp_penalty_*": "+.1f", "*train_mode_penalty_*": "+.1f", "gn_minus_bn*": "+.1f", "epochs": ".1f", "mlp_epochs": ".0f", "lr": "g", "mlp_lr": "g",
+    "mlp_penalty_*": ".1f", "*train_mode_penalty_*": ".1f", "gn_minus_bn*": "+.1f", "epochs": ".1f", "mlp_epochs": ".0f", "lr": "g", "mlp_lr": "g",
     "momentum": "g", "step_ms_*": ".1f", "step_relative_to_bn_*": ".2f", "noise_spread_mu_*": ".2f",
-    "noise_effective_per_image_*": ".2g", "*_seconds": ".0f",
+    "noise_effective_per_image_*": ".2g", "noise_correlation_*": ".2f", "*_seconds": ".0f",
 }
 """How chapter 5 prints its metrics (``report.glue_metrics``; first matching pattern wins)."""
 
@@ -660,9 +679,17 @@ def _error_and_loss(res, acc_key: str, loss_key: str, sizes_key: str, norms_key:
     arr, norms_ = res.arrays, res.metrics[norms_key]
     x = arr[sizes_key]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    off_scale = []
     for i, kind in enumerate(norms_):
+        err = _seed_band(1 - arr[acc_key][i], 100)["mean"]
+        if np.nanmin(err) > 80:  # at chance: drawing it would squash every other curve
+            off_scale.append(f"{LABELS.get(kind, kind)}: {np.nanmean(err):.1f} % error, loss "
+                             f"{np.nanmean(_seed_band(arr[loss_key][i])['mean']):.2f} (at chance, not drawn)")
+            continue
         _band_plot(left, x, 1 - arr[acc_key][i], kind, scale=100)
         _band_plot(right, x, arr[loss_key][i], kind)
+    if off_scale:
+        left.text(0.02, 0.97, "\n".join(off_scale), transform=left.transAxes, va="top", fontsize=7.5, color="0.3")
     left.set_ylabel("held-out error (%)")
     right.set_ylabel("held-out cross-entropy")
     for ax in (left, right):
