@@ -184,6 +184,7 @@ def _aggregate_bn_terms(terms: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {
         "t41_grad_bn": stack(lambda t: t["grad_sq_bn"].sum()),  # ‖∇_y L̂‖² (summed over channels)
         "t41_grad_z": stack(lambda t: t["grad_sq_z"].sum()),  # ‖g‖² (same-z unnormalised twin)
+        "t41_scaled_z": stack(lambda t: (t["scale"] * t["grad_sq_z"]).sum()),  # Σ_j (γ_j²/σ_j²)‖g_j‖²
         "t41_scale_med": stack(lambda t: t["scale"].median()),  # median over channels of γ²/(σ² + ε)
         "t41_below1": stack(lambda t: (t["scale"] < 1).double().mean()),  # share of channels with γ²/σ² < 1
         "t41_mean": stack(lambda t: t["mean_term"].sum()),
@@ -466,7 +467,8 @@ def _theorem_summary(A: dict[str, np.ndarray], arch: str) -> dict[str, Any]:
         f"{arch}_t41_layers_below1_last": int(np.sum(scale[-1] < 1)),
         f"{arch}_t41_channels_below1_last": _f(np.mean(below[-1])),
         f"{arch}_t41_channels_below1_all": _f(np.mean(below[1:]) if len(below) > 1 else np.mean(below)),
-        f"{arch}_t41_proj_share_last": _f(np.median(g_bn[-1] / (scale[-1] * g_z[-1]))),
+        # what the projection leaves: ‖∇_y L̂‖² / Σ_j (γ_j²/σ_j²)‖g_j‖² (≤ 1; 1 − it is the share removed)
+        f"{arch}_t41_proj_share_last": _f(np.median(g_bn[-1] / np.nanmedian(A[p + "t41_scaled_z"], axis=1)[-1])),
         f"{arch}_t41_bn_over_z_last": _f(np.median(g_bn[-1] / g_z[-1])),
         f"{arch}_t41_bn_over_std_last": _f(np.median(g_bn[-1, :n] / g_std[-1, :n])),
         f"{arch}_t41_bn_over_std_all": _f(np.median(g_bn[1:, :n] / g_std[1:, :n]) if len(g_bn) > 1 else None),
@@ -538,7 +540,7 @@ def paper_vs_ours(M: dict[str, Any], dataset: str) -> list[dict[str, str]]:
     })
     pb, pl = PAPER_FIG4["beta_peak"], PAPER_FIG4["beta_late"]
     rows.append({
-        "what": "effective β: peak (late) ",
+        "what": "effective β: peak (at the end)",
         "paper": f"standard ≈{pb[0]:.0f} (≈{pl[0]:.0f}); BN ≈{pl[1]:.0f}–{pb[1]:.0f} throughout",
         "ours": f"standard {num(M['vgg_none_beta_peak'])} ({num(M['vgg_none_beta_last'])}); "
                 f"BN {num(M['vgg_bn_beta_peak'])} ({num(M['vgg_bn_beta_last'])})",
@@ -874,10 +876,19 @@ def phrases(M: dict[str, Any]) -> dict[str, str]:
         lower = [M.get(f"{arch}_{v}_beta_median") is not None and std_beta is not None
                  and M[f"{arch}_{v}_beta_median"] < std_beta for v in lp]
         out[f"{arch}_lp_beta_lower"] = f"{sum(lower)} of {len(lp)}"
-        top = M.get(f"{arch}_none_top_step_loss_ratio")
-        out[f"{arch}_none_top_verdict"] = ("not measured" if top is None else
-                                           "rises above its value before the step" if top > 1 else
-                                           "stays below its value before the step")
+        top, top_bn = M.get(f"{arch}_none_top_step_loss_ratio"), M.get(f"{arch}_bn_top_step_loss_ratio")
+        if top is None or top_bn is None:
+            out[f"{arch}_top_caution"] = "could not be measured (a run diverged)."
+        elif top > 1:
+            out[f"{arch}_top_caution"] = (
+                f"overshoots for the standard network: the loss there is {top:.3g} times the loss before the step "
+                f"(median over probe steps; BN: {top_bn:.3g}). That step lies beyond the standard network's stable "
+                "step size, and its maxima record the overshoot (the right ends of the curves in the step-size "
+                "figure below).")
+        else:
+            out[f"{arch}_top_caution"] = (
+                f"still lowers the standard network's loss (to {top:.3g} times its value before the step, median over "
+                f"probe steps; BN: {top_bn:.3g}), so no single overshooting step drives its maxima.")
     ratios = [M.get(f"{arch}_{v}_grad_over_rand_beta") for arch in ARCHS for v in ("none", "bn")]
     known = [r for r in ratios if r is not None]
     more = sum(r > 1 for r in known)
@@ -902,7 +913,7 @@ def glue_all(M: dict[str, Any]) -> None:
         if isinstance(value, (dict, list, bool)):
             continue
         if value is None or isinstance(value, str):
-            report.glue(f"ls_{name}", None)
+            report.glue(f"ls_{name}", value)
         elif isinstance(value, int):
             report.glue(f"ls_{name}", value, ",")
         elif name.endswith("_frac") or "below1" in name or name.endswith("_within1"):
