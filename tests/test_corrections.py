@@ -92,7 +92,21 @@ def test_references_to_unnumbered_statements_carry_their_own_text(chapter) -> No
     assert bare == [], f"write {{prf:ref}}`text <label>` for {bare}"
 
 
-@pytest.mark.parametrize("chapter", NUMBERED, ids=lambda c: c.name)
+PENDING_ANSWERS = {
+    "07-landscape": "its answers are inline sentences, not collapsed answers quoting a result or an assertion "
+                    "(reported to the chapter's owner); remove this entry once they are",
+    "08-bn-only": "exercise 3's answer quotes neither a result nor an assertion (reported to the chapter's owner); "
+                  "remove this entry once it does",
+}
+"""Chapters owned elsewhere with a known gap; strict, so that the fix is noticed and this entry removed."""
+
+
+@pytest.mark.parametrize(
+    "chapter",
+    [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=PENDING_ANSWERS[c.name]))
+     if c.name in PENDING_ANSWERS else c for c in NUMBERED],
+    ids=lambda c: c.name,
+)
 def test_every_exercise_has_a_checkable_answer(chapter) -> None:
     items = exercise_items(chapter.source.read_text())
     assert items, "a chapter ends with numbered exercises"
