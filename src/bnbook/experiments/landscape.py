@@ -263,7 +263,9 @@ def train_variant(
     s = cfg.arch(arch)
     seed_everything(cfg.seed)
     models = make_models(arch, variant, cfg, ds.x_train.shape[1], device)
-    blocks = len(models[0](ds.x_train[:2], features=True)[1])
+    with train.no_side_effects(models[0]), torch.no_grad():  # a look at the architecture must not move BN statistics
+        feats = models[0](ds.x_train[:2], features=True)[1]
+    blocks, channels = len(feats), [f.shape[1] for f in feats]
     layers = _hist_layers(arch, cfg, blocks)
     directions = DIRECTIONS if variant in cfg.random_for else DIRECTIONS[:1]
     fixed = None
@@ -291,12 +293,9 @@ def train_variant(
     }
     # the activation probe's flat vector, split per layer
     acts = res.probes["acts"]  # (L, K, Σ(2C+Q))
-    with torch.no_grad():
-        models[0].train()
-        _, feats = models[0](ds.x_test[:2], features=True)
     offset = 0
     for layer in layers:
-        c, nq = feats[layer].shape[1], len(HIST_QUANTILES)
+        c, nq = channels[layer], len(HIST_QUANTILES)
         arrays[p + f"act{layer}_mean"] = acts[:, :, offset : offset + c]
         arrays[p + f"act{layer}_var"] = acts[:, :, offset + c : offset + 2 * c]
         arrays[p + f"act{layer}_q"] = acts[:, :, offset + 2 * c : offset + 2 * c + nq]
