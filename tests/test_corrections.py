@@ -93,8 +93,6 @@ def test_references_to_unnumbered_statements_carry_their_own_text(chapter) -> No
 
 
 PENDING_ANSWERS = {
-    "07-landscape": "its answers are inline sentences, not collapsed answers quoting a result or an assertion "
-                    "(reported to the chapter's owner); remove this entry once they are",
     "08-bn-only": "exercise 3's answer quotes neither a result nor an assertion (reported to the chapter's owner); "
                   "remove this entry once it does",
 }

@@ -347,11 +347,65 @@ def _run(cfg: LandscapeConfig, device: torch.device) -> Outcome:
     times["surface_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - start
     metrics = summarise(arrays, cfg)
+    metrics.update(exercise_quadratic(), **exercise_scale_invariance(), **exercise_loss_scale(cfg))
     metrics["times"] = times
     metrics.update(vgg_plan=plan_vgg, vgg_batch=cfg.vgg_batch, vgg_lr=cfg.vgg_lr, dln_lr=cfg.dln_lr)
     metrics["train_images"] = int(len(sets["vgg"].y_train))
     metrics["test_images"] = int(len(sets["vgg"].y_test))
     return Outcome(metrics=metrics, arrays=arrays, datasets=[sets["vgg"].name, sets["dln"].name])
+
+
+# ------------------------------------------------------------------------- exercises
+class _Vector(torch.nn.Module):
+    """A model that outputs its own parameter vector (the loss function does the rest)."""
+
+    def __init__(self, w: Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(w.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w
+
+
+def exercise_quadratic(eta: float = 0.005) -> dict[str, float]:
+    """Exercise 1: ``L(w) = ½ wᵀHw`` with ``H = diag(1, 100)`` at ``w = (1, 0.01)``, probed by :func:`line_probe`."""
+    H = torch.diag(torch.tensor([1.0, 100.0], dtype=torch.float64))
+    model = _Vector(torch.tensor([1.0, 0.01], dtype=torch.float64))
+    dummy = torch.zeros(1, dtype=torch.float64)
+    (p,) = landscape.line_probe(model, dummy, dummy, [eta], loss=lambda out, _y: 0.5 * out @ H @ out)
+    return {"ex1_grad_norm": float(p.grad_norm), "ex1_change": float(p.grad_change[0]), "ex1_beta": float(p.beta[0])}
+
+
+def exercise_scale_invariance(c: float = 2.0, eta: float = 0.3) -> dict[str, float]:
+    """Exercise 2: for a scale-invariant loss, β at ``c·w`` with step η equals β at ``w`` with step η/c², over c²."""
+    u = torch.tensor([0.6, -0.8, 0.0, 0.0], dtype=torch.float64)
+    dummy = torch.zeros(1, dtype=torch.float64)
+
+    def loss(out: Tensor, _y: Tensor) -> Tensor:  # depends on the direction of w only
+        v = out / out.norm()
+        return 0.5 * (v - u).pow(2).sum() + (v[2] * v[3]) ** 2
+
+    w = torch.tensor([0.3, 0.4, 0.5, -0.7], dtype=torch.float64)
+    (far,) = landscape.line_probe(_Vector(c * w), dummy, dummy, [eta], loss=loss)
+    (near,) = landscape.line_probe(_Vector(w), dummy, dummy, [eta / c**2], loss=loss)
+    return {"ex2_c": c, "ex2_beta_scaled": float(far.beta[0]), "ex2_beta_original": float(near.beta[0]),
+            "ex2_ratio": float(far.beta[0] * c**2 / near.beta[0])}
+
+
+def exercise_loss_scale(cfg: LandscapeConfig) -> dict[str, float]:
+    """Exercise 3: the DLN at initialisation probed with the summed loss at lr and the averaged loss at lr × points."""
+    ds = dln_dataset(cfg.dln_points, cfg.dln_dim, cfg.seed)
+    model = nets.DeepLinear(dim=cfg.dln_dim, depth=cfg.dln_depth, norm=None, seed=cfg.seed)
+    etas = [e * cfg.dln_lr for e in cfg.dln_etas]
+    (summed,) = landscape.line_probe(model, ds.x_train, ds.y_train, etas, loss="squared_sum")
+    (mean,) = landscape.line_probe(model, ds.x_train, ds.y_train, [e * cfg.dln_points for e in etas], loss="squared_mean")
+    a = landscape.fig4_measures(summed.loss, summed.grad_change, summed.beta)
+    b = landscape.fig4_measures(mean.loss, mean.grad_change, mean.beta)
+    return {
+        "ex3_width_ratio": float((a["loss_max"] - a["loss_min"]) / (b["loss_max"] - b["loss_min"])),
+        "ex3_change_ratio": float(a["change_max"] / b["change_max"]),
+        "ex3_beta_ratio": float(a["beta"] / b["beta"]),
+    }
 
 
 # -------------------------------------------------------------------------- summaries
@@ -397,6 +451,10 @@ def _summarise(A: dict[str, np.ndarray], cfg: LandscapeConfig) -> dict[str, Any]
             M[key + "_diverged"] = int((A[p + "diverged"] >= 0).sum())
             steps = A[p + "probe_steps"]
             late = steps > 0  # summaries over the trajectory leave out the initialisation
+            # the loss at η = lr (the next SGD iterate, on the same batch) relative to L(w), at the last probe step
+            if 1.0 in s["etas"]:
+                i_lr = list(s["etas"]).index(1.0)
+                M[key + "_lr_step_ratio_last"] = _f(np.nanmedian(A[p + "loss"][-1, :, 0, i_lr] / A[p + "loss0"][-1]))
             # the loss after the largest probe step relative to the loss before it (> 1: that step overshoots)
             top = A[p + "loss"][:, :, 0, -1] / A[p + "loss0"]
             M[key + "_top_step_loss_ratio"] = _f(np.nanmedian(np.nanmedian(top, axis=1)[late]))
@@ -899,9 +957,8 @@ def phrases(M: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-FORMATS = {
-    "int": "d", "steps": ",", "frac": ".0f", "ratio": ".2f", "value": ".3g",
-}
+EXERCISE_FORMATS = {"ex1_change": ".3f", "ex1_grad_norm": ".4f", "ex2_ratio": ".4f", "ex2_c": "g"}
+"""Formats of the exercise answers' numbers (the rest: 3 significant digits)."""
 
 
 def glue_all(M: dict[str, Any]) -> None:
@@ -913,6 +970,10 @@ def glue_all(M: dict[str, Any]) -> None:
             continue
         if value is None or isinstance(value, str):
             report.glue(f"ls_{name}", value)
+        elif name in EXERCISE_FORMATS:
+            report.glue(f"ls_{name}", value, EXERCISE_FORMATS[name])
+        elif name.startswith("ex3_"):
+            report.glue(f"ls_{name}", value, ",.1f")
         elif isinstance(value, int):
             report.glue(f"ls_{name}", value, ",")
         elif name.endswith("_frac") or "below1" in name or name.endswith("_within1"):
