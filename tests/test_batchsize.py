@@ -184,3 +184,10 @@ def test_step_times_shape() -> None:
     ds = _tiny_dataset()
     t = bs.step_times(lambda k: _make(k, 0), ds, ["bn", "gn"], 8, 2, 2)
     assert t.shape == (2, 2) and (t > 0).all()
+
+
+def test_plateau_is_where_the_seed_ranges_start_to_overlap_the_largest_n() -> None:
+    err = np.array([[50, 55, 60], [12, 13, 14], [10, 11, 12], [10, 10.5, 11.5]])  # [N index, seed]
+    assert bs.plateau(err, [2, 4, 8, 16]) == 8
+    assert bs.plateau(err[[0, 3]], [2, 16]) == 16
+    assert bs.plateau(np.ones((3, 2)), [2, 4, 8]) == 2

@@ -524,6 +524,23 @@ def _verdict(err: np.ndarray, lo: int, hi: int) -> str:
     return "a change within the range of the seeds"
 
 
+def plateau(err: np.ndarray, sizes: Sequence[int]) -> int:
+    """The smallest N from which on every N's seed range overlaps the seed range at the largest N.
+
+    ``err`` is (len(sizes), seeds). Where the curve has flattened out, within what the seeds resolve.
+    """
+    band = _seed_band(err)
+    order = np.argsort(sizes)
+    hi = order[-1]
+    result = int(sizes[hi])
+    for j in order[::-1]:
+        if band["min"][j] <= band["max"][hi] and band["max"][j] >= band["min"][hi]:
+            result = int(sizes[j])
+        else:
+            break
+    return result
+
+
 def _sweep_metrics(prefix: str, res: dict[str, Any], norms_: Sequence[str], sizes: Sequence[int]) -> dict[str, Any]:
     """Errors (%) and held-out losses per norm and N (mean, min, max over seeds), and the small-vs-large-N verdicts."""
     err, loss, err_train = _error(res["acc"]), res["loss"], _error(res["acc_batch_mode"])
@@ -552,6 +569,7 @@ def _sweep_metrics(prefix: str, res: dict[str, Any], norms_: Sequence[str], size
         k: float(train_band["mean"][i, lo] - band["mean"][i, lo]) for i, k in enumerate(norms_) if k in BATCH_DEPENDENT
     }
     out[f"{prefix}verdict"] = {k: _verdict(err[i], lo, hi) for i, k in enumerate(norms_) if k in BATCH_DEPENDENT}
+    out[f"{prefix}plateau_n"] = {k: plateau(err[i], sizes) for i, k in enumerate(norms_) if k in BATCH_DEPENDENT}
     out[f"{prefix}diverged"] = int(np.isnan(res["acc"][:, :, :]).sum())
     return out
 
@@ -622,6 +640,9 @@ def _outcome(cfg, ds, n_available, mlp_ds, cnn, mlp, noise, noise_sizes, n_pop, 
             "rises from block to block" if all(b > a for a, b in zip(values, values[1:])) else
             "does not rise steadily from block to block"
         )
+    if "mlp3" in layers and "bn" in metrics["mlp_plateau_n"]:  # exercise 4: the noise where BN's MLP curve flattens
+        n = metrics["mlp_plateau_n"]["bn"]
+        metrics["mlp_plateau_noise_bn"] = metrics["noise_spread_mu"]["mlp3"].get(str(n))
     if noise_sizes:  # the smallest and largest m under fixed names, for the prose
         metrics["noise_m_lo"], metrics["noise_m_hi"] = min(noise_sizes), max(noise_sizes)
         metrics["noise_spread_mu_lo"] = {k: float(noise[k][0][0]) for k in layers}
@@ -643,7 +664,7 @@ GLUE_FORMATS = {
     "error*": ".1f", "mlp_error*": ".1f", "loss*": ".3f", "mlp_loss*": ".3f", "penalty_*": "+.1f",
     "mlp_penalty_*": ".1f", "*train_mode_penalty_*": ".1f", "gn_minus_bn*": "+.1f", "epochs": ".1f", "mlp_epochs": ".0f", "lr": "g", "mlp_lr": "g",
     "momentum": "g", "step_ms_*": ".1f", "step_relative_to_bn_*": ".2f", "noise_spread_mu_*": ".2f",
-    "noise_effective_per_image_*": ".2g", "noise_correlation_*": ".2f", "*_seconds": ".0f",
+    "noise_effective_per_image_*": ".2g", "noise_correlation_*": ".2f", "mlp_plateau_noise_bn": ".2f", "*_seconds": ".0f",
 }
 """How chapter 5 prints its metrics (``report.glue_metrics``; first matching pattern wins)."""
 
