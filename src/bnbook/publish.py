@@ -225,14 +225,15 @@ def chromium() -> str:
     return found
 
 
-def build_singlehtml(project) -> Path:
-    """Build the whole book as one HTML page (for printing); return its ``index.html``.
+def build_singlehtml(project, *, any_profile: bool = False) -> Path:
+    """Build the whole book as one HTML page (for printing); return that page.
 
     It uses its own build folder (``_build/pdf/site``), so the HTML site's Sphinx state is untouched.
+    The chapters must be publishable as for ``bnbook build`` (``any_profile`` as there).
     """
     from bnbook import run as runner
 
-    runner.check_publishable(project)
+    runner.check_publishable(project, any_profile=any_profile)
     runner.write_status_page(project)
     base = project.out / "_build" / "pdf" / "site"
     exe = Path(sys.executable).with_name("jupyter-book")
@@ -327,10 +328,10 @@ def chapter_titles(project) -> list[str]:
     return titles
 
 
-def make_pdf(project, *, echo=print) -> Path:
+def make_pdf(project, *, any_profile: bool = False, echo=print) -> Path:
     """The whole book as ``_build/pdf/bnbook.pdf``: a single-page build printed by Chromium, checked."""
     echo("[bnbook] building the single-page HTML for the PDF edition ...")
-    page = build_singlehtml(project)
+    page = build_singlehtml(project, any_profile=any_profile)
     pdf = project.out / "_build" / "pdf" / PDF_NAME
     echo(f"[bnbook] printing {page} with Chromium ...")
     print_pdf(page, pdf)
@@ -345,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnbook.publish", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["citation", "pdf"])
     parser.add_argument("--out", type=Path, default=None, help="the book's output folder (default: the repo)")
+    parser.add_argument("--any-profile", action="store_true",
+                        help="print chapters run under any profile (as `bnbook build --any-profile`)")
     args = parser.parse_args(argv)
     from bnbook import run as runner
 
@@ -353,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "citation":
             print(f"wrote {write_citation(project.root)}")
         else:
-            make_pdf(project)
+            make_pdf(project, any_profile=args.any_profile)
     except BnbookError as exc:
         print(f"bnbook: error: {exc}", file=sys.stderr)
         return 2
