@@ -46,6 +46,7 @@ class Unit:
     config: ChapterConfig  # everything the run depends on
     compute: Callable[[ChapterConfig, torch.device], results.Outcome]
     label: str = ""  # a short human-readable name (e.g. "resnet-14 w16 bn-only seed 0")
+    group: str = ""  # units of one group are trained together (one fit) and so go to one job
 
     def key(self) -> str:
         """The result key of this unit (the name of its folder under ``results_dir()/chapter``)."""
@@ -134,12 +135,23 @@ def plan(units: Sequence[Unit]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ jobs
-def _job(unit: Unit, results_root: str, data_root: str | None) -> str:
-    """What one submitted job runs: compute the unit into the shared results folder, return its key."""
+def _job(units: Sequence[Unit], results_root: str, data_root: str | None) -> list[str]:
+    """What one submitted job runs: compute its units (one group) into the shared results folder, return their keys."""
     os.environ["BNBOOK_RESULTS_DIR"] = results_root
     if data_root:
         os.environ["BNBOOK_DATA_DIR"] = data_root
-    return unit.compute_cached().record["key"]
+    return [r.record["key"] for r in compute_all(units)]
+
+
+def jobs_of(units: Sequence[Unit]) -> list[list[Unit]]:
+    """The units grouped into jobs: one job per group (units without a group go alone), in grid order.
+
+    A group's units are trained in one pass by whichever of them is computed first, so splitting a
+    group over two jobs would train it twice (and the two would wait on each other's results)."""
+    jobs: dict[str, list[Unit]] = {}
+    for i, u in enumerate(units):
+        jobs.setdefault(u.group or f"#{i}", []).append(u)
+    return list(jobs.values())
 
 
 @dataclasses.dataclass
@@ -181,10 +193,11 @@ def make_executor(kind: str, folder: Path, *, partition: str | None = None, gpus
 
 def sweep(units: Sequence[Unit], executor, *, max_parallel: int | None = None,
           echo: Callable[[str], None] = print) -> SweepReport:
-    """Submit every unit that is not cached as its own job, wait for all, and report.
+    """Submit every unit that is not cached — one job per group of units (:func:`jobs_of`) — wait for
+    all, and report.
 
     ``max_parallel`` bounds how many jobs run at once (submitted in waves; Slurm arrays bound it
-    themselves). A job that raises is reported with its unit and log file; the others still land.
+    themselves). A job that raises is reported with its units and log file; the others still land.
     """
     start = time.perf_counter()
     todo = [u for u in units if u.cached() is None]
@@ -192,12 +205,13 @@ def sweep(units: Sequence[Unit], executor, *, max_parallel: int | None = None,
     root = str(results_dir())
     data_root = os.environ.get("BNBOOK_DATA_DIR")
     failed: list[dict[str, str]] = []
-    wave = max_parallel or len(todo) or 1
-    for i in range(0, len(todo), wave):
-        batch = todo[i : i + wave]
-        jobs = [executor.submit(_job, u, root, data_root) for u in batch]
-        for u, job in zip(batch, jobs):
-            name = u.label or u.key()
+    groups = jobs_of(todo)
+    wave = max_parallel or len(groups) or 1
+    for i in range(0, len(groups), wave):
+        batch = groups[i : i + wave]
+        jobs = [executor.submit(_job, group, root, data_root) for group in batch]
+        for group, job in zip(batch, jobs):
+            name = ", ".join(u.label or u.key() for u in group)
             try:
                 job.result()
                 echo(f"[sweep] done: {name}")
@@ -214,3 +228,46 @@ def _last_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", ln)]
     return (errors or lines or [type(exc).__name__])[-1]
+
+
+# ------------------------------------------------------------------ the `bnbook sweep` command
+def format_plan(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The lines ``bnbook sweep --dry-run`` prints: each unit, cached or to run, and the estimated cost."""
+    lines = [f"{'unit':44} {'state':8} {'measured':>10}"]
+    todo_known = todo_unknown = 0
+    todo_seconds = 0.0
+    for r in rows:
+        measured = "—" if r["seconds"] is None else f"{r['seconds']:.0f} s"
+        lines.append(f"{r['label'][:44]:44} {'cached' if r['cached'] else 'to run':8} {measured:>10}")
+        if not r["cached"]:
+            if r["seconds"] is None:
+                todo_unknown += 1
+            else:
+                todo_known += 1
+                todo_seconds += r["seconds"]
+    cached = sum(r["cached"] for r in rows)
+    lines.append(f"{len(rows)} units: {cached} cached, {len(rows) - cached} to run; "
+                 f"measured cost of {todo_known} of them: {todo_seconds / 3600:.2f} h"
+                 + (f" ({todo_unknown} never measured)" if todo_unknown else ""))
+    return lines
+
+
+def command(source: Path, *, profile: str, params: Mapping[str, Any], executor: str = "local",
+            dry_run: bool = False, log_dir: Path | None = None, partition: str | None = None,
+            gpus_per_job: int = 0, timeout_min: int = 60, max_parallel: int | None = None,
+            echo: Callable[[str], None] = print) -> int:
+    """``bnbook sweep``: plan (``dry_run``) or dispatch the chapter's grid; returns the exit status (1 if a job failed)."""
+    units = chapter_units(source, profile, params)
+    if dry_run:
+        for line in format_plan(plan(units)):
+            echo(line)
+        return 0
+    folder = log_dir or results_dir() / "_sweeps" / source.stem
+    ex = make_executor(executor, folder, partition=partition, gpus_per_job=gpus_per_job,
+                       timeout_min=timeout_min, max_parallel=max_parallel)
+    report = sweep(units, ex, max_parallel=max_parallel if executor == "local" else None, echo=echo)
+    echo(f"[sweep] {source.stem}: {len(report.submitted)} submitted, {len(report.skipped)} already cached, "
+         f"{len(report.failed)} failed, {report.seconds:.0f} s")
+    for f in report.failed:
+        echo(f"[sweep] failed unit {f['label']}: {f['error']} (log: {f['log']})")
+    return 1 if report.failed else 0

@@ -240,7 +240,7 @@ def units(cfg: BnOnlyConfig) -> list[Unit]:
     """The grid of ``cfg`` as :class:`bnbook.sweep.Unit` objects (one cached result each)."""
     from bnbook.sweep import Unit
 
-    return [Unit(UNITS_CHAPTER, u, compute_unit, u.label) for u in unit_configs(cfg)]
+    return [Unit(UNITS_CHAPTER, u, compute_unit, u.label, group_key(u)) for u in unit_configs(cfg)]
 
 
 # ------------------------------------------------------------------ one unit
@@ -357,8 +357,11 @@ def compute_unit(unit: UnitConfig, device: torch.device) -> Outcome:
 
 
 def compute_grid(cfg: BnOnlyConfig) -> list[results.Result]:
-    """Every unit's result (computing the missing ones here), in :func:`unit_configs` order."""
-    return [results.cached(UNITS_CHAPTER, u, compute_unit) for u in unit_configs(cfg)]
+    """Every unit's result (computing the missing ones here), in :func:`unit_configs` order — the same
+    units, and so the same cached results, that ``bnbook sweep 08`` dispatches as jobs."""
+    from bnbook.sweep import compute_all
+
+    return compute_all(units(cfg))
 
 
 # ------------------------------------------------------------------ time per step
