@@ -161,11 +161,32 @@ def test_gradient_hook_does_not_change_training():
 
 
 def test_pooled_images():
-    ds = lib.pooled(tiny_data(size=8), 2)
+    ds = lib.pooled(tiny_data(size=8), 2)  # not 8-bit levels: pooled and standardised as they are
     assert ds.x_train.shape[-2:] == (4, 4) and "pooled" in ds.description
     assert float(ds.x_train.mean()) == pytest.approx(0, abs=1e-5)
     assert float(ds.x_train.std()) == pytest.approx(1, abs=1e-3)
-    assert lib.pooled(ds, 1) is ds
+    assert lib.pooled(ds, 1).x_train.shape == ds.x_train.shape
+
+
+def test_pooled_images_do_not_depend_on_how_they_were_standardised():
+    """Two loads of one 8-bit dataset whose standardisation differs in the last bits (as with another
+    thread count) give bit-identical pooled images."""
+    gen = torch.Generator().manual_seed(0)
+    raw_train = torch.randint(0, 256, (64, 1, 8, 8), generator=gen).float() / 255
+    raw_test = torch.randint(0, 256, (16, 1, 8, 8), generator=gen).float() / 255
+    y = torch.zeros(64, dtype=torch.long)
+
+    def load(mean: float, std: float) -> Dataset:
+        return Dataset("levels", (raw_train - mean) / std, y, (raw_test - mean) / std, y[:16], ("0",), "8-bit")
+
+    a, b = load(0.2860, 0.3530), load(0.2860 + 3e-8, 0.3530 * (1 + 2e-7))
+    assert not torch.equal(a.x_train, b.x_train)
+    levels = lib.pixel_levels(a.x_train, a.x_test)
+    assert levels is not None and np.array_equal(levels[0], (raw_train * 255).round().numpy() - raw_train.min().item() * 255)
+    for factor in (1, 2):
+        pa, pb = lib.pooled(a, factor), lib.pooled(b, factor)
+        assert torch.equal(pa.x_train, pb.x_train) and torch.equal(pa.x_test, pb.x_test)
+    assert lib.pixel_levels(torch.randn(8, 1, 4, 4), torch.randn(2, 1, 4, 4)) is None
 
 
 # ------------------------------------------------------------------ the grid

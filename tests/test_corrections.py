@@ -92,10 +92,7 @@ def test_references_to_unnumbered_statements_carry_their_own_text(chapter) -> No
     assert bare == [], f"write {{prf:ref}}`text <label>` for {bare}"
 
 
-PENDING_ANSWERS = {
-    "08-bn-only": "exercise 3's answer quotes neither a result nor an assertion (reported to the chapter's owner); "
-                  "remove this entry once it does",
-}
+PENDING_ANSWERS: dict[str, str] = {}
 """Chapters owned elsewhere with a known gap; strict, so that the fix is noticed and this entry removed."""
 
 

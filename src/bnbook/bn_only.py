@@ -307,21 +307,58 @@ def gradient_magnitude_hook(every: int) -> train.StepHook:
 
 
 # ------------------------------------------------------------------ data
+def pixel_levels(x_train: Tensor, x_test: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """The integer grey levels behind standardised 8-bit images, per channel, or ``None`` if they cannot be
+    recovered exactly.
+
+    Standardised images are an affine map of 8-bit levels, ``x = (k/255 − m)/s``. The last bits of
+    ``m`` and ``s`` depend on how many threads computed them, so the same dataset loaded in two
+    processes can differ by an ulp. The levels do not: with ``lo`` the smallest training value and
+    ``δ`` the smallest gap between two distinct training values of a channel, ``k − k_min =
+    round((x − lo)/δ)`` exactly. Returned as float64 arrays of the inputs' shapes (offset by the
+    smallest level, which no later standardisation can see).
+    """
+    xs = [x_train.detach().cpu().double().numpy(), x_test.detach().cpu().double().numpy()]
+    outs = [np.empty_like(x) for x in xs]
+    for c in range(xs[0].shape[1]):
+        values = np.unique(xs[0][:, c])
+        if values.size < 2:
+            return None
+        lo, gap = values[0], float(np.min(np.diff(values)))
+        for x, out in zip(xs, outs):
+            levels = (x[:, c] - lo) / gap
+            out[:, c] = np.round(levels)
+            if np.max(np.abs(levels - out[:, c]), initial=0.0) > 1e-2:  # not an evenly spaced set of levels
+                return None
+    return outs[0], outs[1]
+
+
 def pooled(ds: Dataset, factor: int) -> Dataset:
-    """``ds`` with images average-pooled by ``factor`` (28×28 → 14×14 for 2) and re-standardised
-    with the training set's per-channel mean and standard deviation; ``factor = 1`` returns ``ds``."""
-    if factor == 1:
-        return ds
+    """``ds`` with images average-pooled by ``factor`` (28×28 → 14×14 for 2; 1 keeps the size) and
+    standardised with the training split's per-channel mean and standard deviation.
+
+    The result is the same in every process, whatever thread count loaded ``ds``: the images are
+    taken back to their 8-bit levels (:func:`pixel_levels`), pooled, and standardised in float64 with
+    NumPy's reductions (which do not depend on threads). Images that are not 8-bit levels are
+    pooled and standardised as they are.
+    """
     if factor < 1 or ds.x_train.dim() != 4:
         raise BnbookError(f"pooling needs images (N, C, H, W) and a factor >= 1, got {factor}")
-    x_train, x_test = F.avg_pool2d(ds.x_train, factor), F.avg_pool2d(ds.x_test, factor)
-    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)
-    std = x_train.std(dim=(0, 2, 3), keepdim=True)
+    levels = pixel_levels(ds.x_train, ds.x_test)
+    if levels is None:
+        levels = ds.x_train.detach().cpu().double().numpy(), ds.x_test.detach().cpu().double().numpy()
+    x_train, x_test = (F.avg_pool2d(torch.from_numpy(x), factor).numpy() if factor > 1 else x for x in levels)
+    mean = x_train.mean(axis=(0, 2, 3), keepdims=True)
+    std = x_train.std(axis=(0, 2, 3), keepdims=True, ddof=1)
     h, w = x_train.shape[-2:]
-    return dataclasses.replace(
-        ds, x_train=(x_train - mean) / std, x_test=(x_test - mean) / std,
-        description=f"{ds.description}; average-pooled {factor}×{factor} to {h}×{w}",
-    )
+    device = ds.x_train.device
+
+    def to_tensor(x: np.ndarray) -> Tensor:
+        return torch.from_numpy(((x - mean) / std).astype(np.float32)).to(device)
+
+    note = f"average-pooled {factor}×{factor} to {h}×{w}" if factor > 1 else "re-standardised"
+    return dataclasses.replace(ds, x_train=to_tensor(x_train), x_test=to_tensor(x_test),
+                               description=f"{ds.description}; {note}")
 
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:
