@@ -957,8 +957,9 @@ def phrases(M: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-EXERCISE_FORMATS = {"ex1_change": ".3f", "ex1_grad_norm": ".4f", "ex2_ratio": ".4f", "ex2_c": "g"}
-"""Formats of the exercise answers' numbers (the rest: 3 significant digits)."""
+FORMATS = {"ex1_change": ".3f", "ex1_grad_norm": ".4f", "ex2_ratio": ".4f", "ex2_c": "g",
+           "vgg_t41_proj_share_last": ".3f", "dln_t41_proj_share_last": ".3f"}
+"""Formats of numbers that need more than 3 significant digits (the rest: 3 significant digits)."""
 
 
 def glue_all(M: dict[str, Any]) -> None:
@@ -970,16 +971,14 @@ def glue_all(M: dict[str, Any]) -> None:
             continue
         if value is None or isinstance(value, str):
             report.glue(f"ls_{name}", value)
-        elif name in EXERCISE_FORMATS:
-            report.glue(f"ls_{name}", value, EXERCISE_FORMATS[name])
+        elif name in FORMATS:
+            report.glue(f"ls_{name}", value, FORMATS[name])
         elif name.startswith("ex3_"):
             report.glue(f"ls_{name}", value, ",.1f")
         elif isinstance(value, int):
             report.glue(f"ls_{name}", value, ",")
         elif name.endswith("_frac") or "below1" in name or name.endswith("_within1"):
             report.glue(f"ls_{name}", 100 * value, ".0f")
-        elif "_ratio_" in name:
-            report.glue(f"ls_{name}", value, ".2f")
         else:
             report.glue(f"ls_{name}", value, ".3g")
     for name, text in phrases(M).items():
