@@ -1,0 +1,942 @@
+"""Chapter 6: does BN reduce internal covariate shift? Santurkar et al. (2018), §2 (Figs. 1, 2, 3, 8).
+
+Three experiments, all trained by the engine (:func:`bnbook.train.fit`) with every seed of a
+variant in one call, and measured by step hooks (:mod:`bnbook.ics`) on the very batches the
+networks train on:
+
+1. **Fig. 1** — a VGG with and without BN at two learning rates: training and test accuracy,
+   and the distribution of two layers' activations over training (quantile bands).
+2. **Fig. 2 / Fig. 8** — standard, BN and *noisy* BN (Algorithm 1 of the paper's appendix,
+   :class:`bnbook.norms.NoisyBatchNorm`), and the same noise without BN: training accuracy,
+   activation distributions of three layers, and the step-to-step change of each channel's
+   mean and variance across one update on the same batch.
+3. **Fig. 3** — Definition 2.1 (‖G − G′‖₂ and cos(G, G′) per layer) for the VGG at two
+   learning rates and for the 25-layer deep linear network (DLN) at two more.
+
+Layers are named by the paper's labels (#1 … #13 of its VGG, #1 … #25 of the DLN) and mapped
+onto our depth at the same relative position (:func:`bnbook.ics.scaled_layer`). Everything
+the paper leaves open is a field of :class:`IcsConfig` with the choice in its comment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bnbook import data, ics, nets, train
+from bnbook.config import ChapterConfig
+from bnbook.env import num_threads
+from bnbook.results import Outcome, Result
+
+VARIANTS: dict[str, str] = {"standard": "none", "bn": "bn", "noisy_bn": "noisy-bn", "noise": "noise"}
+"""The VGG variants and their norm slot (:func:`bnbook.nets.make_norm`): the book's BN (chapter 1); noisy BN is
+that BN followed by Algorithm 1's noise; ``noise`` is the same noise after the layers of the standard net."""
+
+LABELS = {"standard": "standard", "bn": "standard + BN", "noisy_bn": "standard + noisy BN",
+          "noise": "standard + noise (no BN)"}
+COLORS = {"standard": "#d62728", "bn": "#1f77b4", "noisy_bn": "#2ca02c", "noise": "#9467bd"}
+
+RUNS: tuple[tuple[str, str], ...] = (
+    ("standard", "lr"), ("bn", "lr"), ("noisy_bn", "lr"), ("noise", "lr"),
+    ("standard", "lr_high"), ("bn", "lr_high"),
+    ("standard", "lr_low"), ("bn", "lr_low"),
+)
+"""Every VGG run: (variant, the config field that holds its learning rate)."""
+
+ICS_RUNS = {("standard", "lr"), ("bn", "lr"), ("standard", "lr_low"), ("bn", "lr_low")}
+"""The VGG runs on which Definition 2.1 is measured (Fig. 3a); activation statistics are recorded on
+every run at ``lr`` and ``lr_low``, so both senses of ICS are measured on the same runs."""
+
+DLN_VARIANTS = ("standard", "bn")
+
+# ---------------------------------------------------------------- the paper's numbers
+PAPER = {"dataset": "CIFAR-10", "net": "VGG (depth and widths not stated; labels up to #13)", "steps": 15_000,
+         "batch": 128, "dln_steps": 10_000}
+PAPER_FIG1 = {
+    # Appendix A.1 and the digitised Fig. 1 (±1-2 % of the axis): test accuracy at the end, lr 0.1
+    ("standard", "lr", "test_end"): 0.80, ("bn", "lr", "test_end"): 0.83,
+    # Fig. 1(a), training accuracy at step 2,500 of 15,000, lr 0.1
+    ("standard", "lr", "train_early"): 0.73, ("bn", "lr", "train_early"): 0.91,
+    # lr 0.5: the standard net stays near chance (training ≈ 6–17 %, test ≈ 10 %); BN ≈ 96 % / 80 %
+    ("standard", "lr_high", "train_end"): 0.10, ("standard", "lr_high", "test_end"): 0.10,
+    ("bn", "lr_high", "train_end"): 0.96, ("bn", "lr_high", "test_end"): 0.80,
+}
+"""Santurkar et al.'s Fig. 1 / Appendix A.1 values (CIFAR-10, 15,000 steps); ``train_early`` is step 2,500."""
+PAPER_EARLY_STEP = 2_500
+
+PAPER_FIG2 = {
+    # training accuracy read off Fig. 2 (per-batch, noisy) at steps 500, 1k, 2k, 3k, 5k, 15k
+    "standard": (0.45, 0.49, 0.77, 0.77, 0.96, 0.98),
+    "bn": (0.72, 0.83, 0.94, 0.91, 0.99, 0.98),
+    "noisy_bn": (0.69, 0.77, 0.88, 0.92, 0.98, 0.97),
+}
+PAPER_FIG2_STEPS = (500, 1_000, 2_000, 3_000, 5_000, 15_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class IcsConfig(ChapterConfig):
+    """Santurkar et al. §2. Defaults are the ``quick`` profile; the paper's protocol is the ``paper`` profile."""
+
+    dataset: str = "fashion-mnist"  # offline; 28×28 images zero-padded to 32×32. Paper: CIFAR-10
+    train_size: int = 0  # training images (0: all)
+    test_size: int = 1_000  # test images evaluated at every record (0: all); a fixed random subset
+    vgg: str = "vgg11"  # configuration A, 8 convs (paper: unstated; its labels reach #13, so vgg16 in paper)
+    width_multiplier: float = 0.0625  # conv widths 4-8-16-16-32-32-32-32 (paper profile: full widths)
+    batch_size: int = 128  # protocol
+    steps: int = 200  # paper: 15,000
+    seeds: int = 3  # models per variant (seed, seed+1, ...), trained together
+    lr: float = 0.1  # protocol (Figs. 1, 2, 3)
+    lr_high: float = 0.5  # Fig. 1's second learning rate
+    lr_low: float = 0.01  # Fig. 3's second learning rate
+    log_every: int = 25  # record accuracies every this many steps
+    stats_every: int = 10  # activation statistics before and after every this-many-th update
+    ics_every: int = 20  # Definition 2.1 every this many steps (1 + 2 forward/backward passes per model)
+    paper_depth: int = 13  # the paper's labels count 13 VGG layers
+    dist_layers: tuple[int, ...] = (3, 11)  # Fig. 1's distribution panels (paper labels)
+    noise_layers: tuple[int, ...] = (2, 9, 13)  # Fig. 2 / Fig. 8 (paper labels)
+    ics_layers: tuple[int, ...] = (5, 10)  # Fig. 3a (paper labels)
+    dln_dim: int = 10  # protocol: 10×10 matrices
+    dln_depth: int = 25  # protocol
+    dln_points: int = 1_000  # protocol: 1,000 Gaussian inputs, trained full-batch (batch = all points)
+    dln_steps: int = 10_000  # protocol
+    dln_lrs: tuple[float, ...] = (1e-6, 1e-7)  # protocol (Fig. 3b)
+    dln_layers: tuple[int, ...] = (9, 17)  # protocol (Fig. 3b)
+    dln_loss: str = "squared_sum"  # open: ‖W x − A x‖² summed over the 1,000 points (a mean would barely move at lr 1e-6)
+    dln_norm: str = "bn"  # open: BN after each of the first 24 layers (not the output layer)
+    dln_seeds: int = 3  # initialisations per variant; A and the data are fixed by `seed`
+    dln_every: int = 200  # Definition 2.1 and statistics on the DLN every this many steps
+    dln_log_every: int = 100  # record the DLN's losses every this many steps
+    threads: int = 1  # CPU threads (0: PyTorch's default); one is faster on a shared 2-core machine
+
+    profiles: ClassVar = {
+        "smoke": {"train_size": 1_024, "test_size": 256, "steps": 12, "seeds": 2,
+                  "log_every": 4, "stats_every": 4, "ics_every": 4, "dln_steps": 40, "dln_seeds": 2,
+                  "dln_every": 10, "dln_log_every": 10},
+        "paper": {"dataset": "cifar10", "test_size": 0, "vgg": "vgg16", "width_multiplier": 1.0,
+                  "steps": 15_000, "log_every": 250, "stats_every": 50, "ics_every": 250,
+                  "dln_every": 100, "threads": 0},
+    }
+
+
+# ---------------------------------------------------------------- data and models
+def vgg_data(cfg: IcsConfig, device: torch.device) -> data.Dataset:
+    """The VGG's dataset: ``cfg.dataset``, padded to 32×32 if smaller, subsets as configured."""
+    ds = data.load(cfg.dataset, device)
+    if ds.x_train.shape[-1] < 32:
+        ds = ds.padded(32)
+    if cfg.train_size or cfg.test_size:
+        ds = ds.subset(cfg.train_size, cfg.test_size, seed=cfg.seed)
+    return ds
+
+
+def dln_data(cfg: IcsConfig, device: torch.device) -> data.Dataset:
+    """Santurkar et al.'s DLN task: y = A x with A (dim × dim) and x i.i.d. standard normal.
+
+    ``dln_points`` training points and as many held-out test points; A and the points depend
+    on ``cfg.seed`` only.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    a = torch.randn(cfg.dln_dim, cfg.dln_dim, generator=gen)
+    x = torch.randn(2 * cfg.dln_points, cfg.dln_dim, generator=gen)
+    y = x @ a.T
+    n = cfg.dln_points
+    return data.Dataset(
+        "dln-gaussian", x[:n].to(device), y[:n].to(device), x[n:].to(device), y[n:].to(device), (),
+        f"y = A x, A {cfg.dln_dim}×{cfg.dln_dim} and x ~ N(0, I) (seed {cfg.seed}); {n} training and {n} test points",
+    )
+
+
+def make_vgg(cfg: IcsConfig, variant: str, in_channels: int, num_classes: int, seed: int) -> nets.VGG:
+    """One VGG of ``variant`` (see :data:`VARIANTS`), initialised from ``seed``."""
+    return nets.VGG(in_channels, num_classes, widths=cfg.vgg, width_multiplier=cfg.width_multiplier,
+                    norm=VARIANTS[variant], seed=seed)
+
+
+def conv_layers(cfg: IcsConfig) -> int:
+    """How many conv layers our VGG has."""
+    return sum(1 for w in nets.VGG_CONFIGS[cfg.vgg] if w != "M")
+
+
+def our_layers(cfg: IcsConfig, labels: Sequence[int]) -> list[int]:
+    """Our 1-based layers at the relative depth of the paper's VGG labels."""
+    return [ics.scaled_layer(i, cfg.paper_depth, conv_layers(cfg)) for i in labels]
+
+
+def stat_layers(cfg: IcsConfig) -> list[int]:
+    """Every 1-based layer whose activation statistics are recorded (Figs. 1, 2, 8 and the comparison)."""
+    return sorted(set(our_layers(cfg, (*cfg.dist_layers, *cfg.noise_layers, *cfg.ics_layers))))
+
+
+def run_name(variant: str, lr_field: str) -> str:
+    """Array-name prefix of one run, e.g. ``bn_lr_low``."""
+    return f"{variant}_{lr_field}"
+
+
+# ---------------------------------------------------------------- hooks
+def stat_hooks(layers: Sequence[int], every: int, steps: int) -> dict[str, train.StepHook]:
+    """Activation statistics of the 1-based ``layers`` just before and just after every ``every``-th update.
+
+    ``before`` fires at t = 0, every, 2·every, … with the models at W(t) and the batch of
+    update t+1; ``after`` fires right after that update (t+1), on the same batch.
+    """
+    fn = ics.activation_stats_hook([i - 1 for i in layers])
+    at = tuple(range(0, steps, every))
+    return {"before": train.StepHook(fn, at=at, when="before"),
+            "after": train.StepHook(fn, at=tuple(t + 1 for t in at), when="after")}
+
+
+def ics_hook(layers: Sequence[int], every: int, steps: int) -> train.StepHook:
+    """Definition 2.1 for the 1-based ``layers`` before update t+1, at t = 0, every, 2·every, …"""
+    return train.StepHook(ics.gradient_change_hook([i - 1 for i in layers]), at=tuple(range(0, steps, every)),
+                          when="before")
+
+
+def _store_hooks(arrays: dict[str, np.ndarray], prefix: str, res: train.FitResult, layers: Sequence[int]) -> None:
+    """Put one run's hook records into ``arrays`` under ``prefix``; layer keys use 1-based layer numbers."""
+    if "before" in res.hooks:
+        before, after = res.hooks["before"]["values"], res.hooks["after"]["values"]
+        n = min(len(res.hooks["before"]["steps"]), len(res.hooks["after"]["steps"]))  # a diverged run stops early
+        before = {k: v[:n] for k, v in before.items()}
+        after = {k: v[:n] for k, v in after.items()}
+        changes = ics.step_changes(before, after, [i - 1 for i in layers])
+        arrays[f"{prefix}_stats_steps"] = res.hooks["before"]["steps"][:n]
+        for i in layers:
+            arrays[f"{prefix}_q{i}"] = before[f"q{i - 1}"]  # (T, K, Q)
+            arrays[f"{prefix}_dmean{i}"] = changes[f"dmean{i - 1}"]  # (T, K)
+            arrays[f"{prefix}_dvar{i}"] = changes[f"dvar{i - 1}"]
+            arrays[f"{prefix}_var{i}"] = before[f"var{i - 1}"].mean(-1)  # (T, K) mean over channels
+    if "ics" in res.hooks:
+        arrays[f"{prefix}_ics_steps"] = res.hooks["ics"]["steps"]
+        for key in ("l2", "cos", "g_norm"):
+            arrays[f"{prefix}_{key}"] = res.hooks["ics"]["values"][key]  # (T, K, layers)
+
+
+def _store_fit(arrays: dict[str, np.ndarray], prefix: str, res: train.FitResult) -> None:
+    arrays[f"{prefix}_steps"] = res.steps
+    arrays[f"{prefix}_train_acc"] = res.train_acc
+    arrays[f"{prefix}_test_acc"] = res.test_acc
+    arrays[f"{prefix}_train_loss"] = res.train_loss
+    arrays[f"{prefix}_test_loss"] = res.test_loss
+    arrays[f"{prefix}_diverged"] = res.diverged_step
+
+
+# ---------------------------------------------------------------- the experiment
+def run(cfg: IcsConfig, device: torch.device) -> Outcome:
+    """Train every VGG run and the four DLN runs; return headline numbers, arrays and the datasets used."""
+    arrays: dict[str, np.ndarray] = {}
+    timing: dict[str, float] = {}
+    with num_threads(cfg.threads or None if device.type == "cpu" else None):
+        ds = vgg_data(cfg, device)
+        run_vgg(cfg, ds, device, arrays, timing)
+        dln = dln_data(cfg, device)
+        run_dln(cfg, dln, device, arrays, timing)
+    metrics = summarise(cfg, arrays)
+    metrics["timing_s"] = timing
+    metrics["train_images"], metrics["test_images"] = len(ds.y_train), len(ds.y_test)
+    metrics["dataset_description"] = ds.description
+    metrics["widths"] = [w for w in nets.VGG(ds.input_shape[0], ds.num_classes, widths=cfg.vgg,
+                                             width_multiplier=cfg.width_multiplier, norm="none").plan if w != "M"]
+    return Outcome(metrics=metrics, arrays=arrays, datasets=[ds.name, dln.name])
+
+
+def run_vgg(cfg: IcsConfig, ds: data.Dataset, device: torch.device, arrays: dict, timing: dict) -> None:
+    """The eight VGG runs of :data:`RUNS` (all seeds of one run in one ``fit`` call)."""
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    layers = stat_layers(cfg)
+    for variant, lr_field in RUNS:
+        fit_cfg = train.FitConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=getattr(cfg, lr_field),
+                                  log_every=cfg.log_every)
+        hooks: dict[str, train.StepHook] = {}
+        if lr_field != "lr_high":
+            hooks.update(stat_hooks(layers, cfg.stats_every, cfg.steps))
+        if (variant, lr_field) in ICS_RUNS:
+            hooks["ics"] = ics_hook(our_layers(cfg, cfg.ics_layers), cfg.ics_every, cfg.steps)
+        models = [make_vgg(cfg, variant, ds.input_shape[0], ds.num_classes, s).to(device) for s in seeds]
+        res = train.fit(models, ds, fit_cfg, seeds=seeds, hooks=hooks)
+        prefix = run_name(variant, lr_field)
+        _store_fit(arrays, prefix, res)
+        _store_hooks(arrays, prefix, res, layers)
+        timing[prefix] = res.train_time_s + res.eval_time_s
+        timing[f"{prefix}_hooks"] = res.eval_time_s
+
+
+class DeepLinearStack:
+    """K deep linear networks (:class:`bnbook.nets.DeepLinear`) trained together by full-batch gradient descent.
+
+    Why not the engine: a DLN step is 25 products of 10×10 matrices — microseconds of arithmetic —
+    so per-operation overhead dominates, ``vmap`` adds more, and the engine takes one learning
+    rate per call. Two facts make the DLN cheap here:
+
+    1. **Full-batch training sees the data only through its moments.** Every layer is affine
+       in x, and BN (training mode, batch = all points) normalises with the batch mean and
+       biased variance, which are functions of the mean and covariance of the layer's input.
+       So the network is tracked by a square root of each layer's covariance, its covariance
+       with y and its mean — 10×10 matrices — and the summed loss is
+       N·[tr Σ_out + ‖m_out − m_y‖² − 2 tr Cov(out, y) + tr Σ_y], exactly (in float64).
+       A step costs the same for 1,000 points as for 10.
+    2. **Stacking**: the K models' matrices are (K, depth, d, d), each model has its own
+       learning rate, so all seeds of both learning rates of Fig. 3b train in one pass.
+
+    BN's running averages are not kept (nothing here runs in inference mode). Tests check the
+    moment loss against the direct one and the trained weights against the engine's.
+    """
+
+    def __init__(self, models: Sequence[nets.DeepLinear], lrs: Sequence[float], dtype: torch.dtype = torch.float64):
+        if len(models) != len(lrs) or not models:
+            raise ValueError("DeepLinearStack needs one learning rate per model")
+        self.models = list(models)
+        kinds = {type(n).__name__ for m in models for n in m.norms}
+        if not kinds <= {"Identity"} and kinds != {"BatchNorm"}:
+            raise ValueError(f"DeepLinearStack runs the DLN without norms or with the book's BN only, got {kinds}")
+        self.bn = kinds == {"BatchNorm"}
+        self.w = torch.stack([torch.stack([w.detach() for w in m.weights()]) for m in models]).to(dtype)
+        self.params = [self.w]
+        if self.bn:
+            self.eps = float(models[0].norms[0].eps)
+            self.gamma = torch.stack([torch.stack([n.weight.detach() for n in m.norms]) for m in models]).to(dtype)
+            self.beta = torch.stack([torch.stack([n.bias.detach() for n in m.norms]) for m in models]).to(dtype)
+            self.params += [self.gamma, self.beta]
+        for t in self.params:
+            t.requires_grad_(True)
+        self.lr = torch.tensor([float(v) for v in lrs], dtype=dtype, device=self.w.device)
+
+    @staticmethod
+    def moments(x: Tensor, y: Tensor, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+        """What full-batch training needs of the data: N, the means, tr Σ_y, and H₀ = [R | Σ_xy | m_x] with R Rᵀ = Σ_x.
+
+        Covariances are the biased (1/N) ones BN uses. Every layer maps H ↦ W H; BN rescales the rows.
+        """
+        x, y = x.to(dtype), y.to(dtype)
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        n = len(x)
+        evals, evecs = torch.linalg.eigh(xc.T @ xc / n)
+        root = evecs * evals.clamp_min(0).sqrt()  # R with R Rᵀ = Σ_x
+        return {"n": n, "dx": x.shape[1], "dy": y.shape[1], "my": y.mean(0), "tr_syy": (yc * yc).sum() / n,
+                "h0": torch.cat([root, xc.T @ yc / n, x.mean(0, keepdim=True).T], dim=1)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Outputs (K, N, d) of the K networks on shared inputs x (N, d), computed directly (for checks)."""
+        h = x.to(self.w.dtype).expand(len(self.models), *x.shape)
+        for i in range(self.w.shape[1] - 1):
+            h = h @ self.w[:, i].transpose(-1, -2)
+            if self.bn:
+                mean = h.mean(1, keepdim=True)
+                centred = h - mean
+                scale = torch.rsqrt(centred.square().mean(1, keepdim=True) + self.eps) * self.gamma[:, i, None, :]
+                h = torch.addcmul(self.beta[:, i, None, :], centred, scale)
+        return h @ self.w[:, -1].transpose(-1, -2)
+
+    def losses(self, mom: dict[str, Any]) -> Tensor:
+        """Each model's loss (K,), the squared error summed over the points, from the data's moments.
+
+        H = [F | G | m] holds a square root F of the layer's covariance (Σ = F Fᵀ), its covariance
+        G with y, and its mean. A linear layer maps H ↦ W H; BN (batch statistics) divides row j by
+        √(Σ_jj + ε), multiplies it by γ_j and sets the mean to β — so only the last β reaches the output.
+        """
+        dx, dy = mom["dx"], mom["dy"]
+        h = mom["h0"].expand(len(self.models), -1, -1)
+        depth = self.w.shape[1]
+        for i in range(depth):
+            h = self.w[:, i] @ h
+            if self.bn and i < depth - 1:
+                scale = torch.rsqrt(h[..., :dx].square().sum(-1) + self.eps) * self.gamma[:, i]  # γ/√(σ²_B + ε)
+                h = scale.unsqueeze(-1) * h  # the mean column is replaced below (BN's output mean is β)
+        mean = h[..., -1]
+        if self.bn and depth > 1:
+            mean = (self.w[:, -1] @ self.beta[:, -1].unsqueeze(-1)).squeeze(-1)
+        spread = h[..., :dx].square().sum((-2, -1))  # tr Σ_out
+        cross = torch.diagonal(h[..., dx:dx + dy], dim1=-2, dim2=-1).sum(-1)  # tr Cov(out, y)
+        return mom["n"] * (spread + (mean - mom["my"]).square().sum(-1) - 2 * cross + mom["tr_syy"])
+
+    def step(self, mom: dict[str, Any]) -> Tensor:
+        """One gradient-descent step of every model on the full batch; returns the losses (K,) before it."""
+        with torch.enable_grad():
+            losses = self.losses(mom)
+            grads = torch.autograd.grad(losses.sum(), self.params)  # model k's loss depends on model k's tensors only
+        with torch.no_grad():
+            for t, g in zip(self.params, grads):
+                t.sub_(self.lr.view(-1, *([1] * (t.dim() - 1))) * g)
+        return losses.detach()
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the current values into the models (in their dtype), so that measurements can run on them."""
+        for k, m in enumerate(self.models):
+            for i, w in enumerate(m.weights()):
+                w.copy_(self.w[k, i])
+            if self.bn:
+                for i, n in enumerate(m.norms):
+                    n.weight.copy_(self.gamma[k, i])
+                    n.bias.copy_(self.beta[k, i])
+
+
+def squared_error(out: Tensor, y: Tensor) -> Tensor:
+    """Per-point squared error ‖f(x) − y‖² (the DLN's loss before summing over points)."""
+    return (out - y).square().sum(-1)
+
+
+def run_dln(cfg: IcsConfig, ds: data.Dataset, device: torch.device, arrays: dict, timing: dict) -> None:
+    """The 25-layer DLN without and with BN: every seed of every learning rate in one :class:`DeepLinearStack`.
+
+    Before the update of every ``dln_every``-th step: Definition 2.1 at ``dln_layers`` and the
+    activation statistics of those layers; after that update, the statistics again.
+    """
+    import time
+
+    from bnbook.env import sync
+
+    if cfg.dln_loss != "squared_sum":
+        raise ValueError("the DLN is trained on the summed squared error (dln_loss='squared_sum')")
+    seeds = [cfg.seed + i for i in range(cfg.dln_seeds)]
+    lrs = [lr for lr in cfg.dln_lrs for _ in seeds]
+    layers = [i - 1 for i in cfg.dln_layers]
+    x, y = ds.x_train, ds.y_train
+    mom = DeepLinearStack.moments(x, y)
+    measure_at = set(range(0, cfg.dln_steps, cfg.dln_every))
+    log_steps = sorted(set(range(0, cfg.dln_steps, cfg.dln_log_every)) | {cfg.dln_steps})
+    for variant in DLN_VARIANTS:
+        norm = cfg.dln_norm if variant == "bn" else None
+        models = [nets.DeepLinear(cfg.dln_dim, cfg.dln_depth, norm=norm, seed=s).to(device)
+                  for _ in cfg.dln_lrs for s in seeds]
+        stack = DeepLinearStack(models, lrs)
+        loss_rec: list[Tensor] = []
+        ics_rec: list[dict[str, Tensor]] = []
+        before: list[dict[str, Tensor]] = []
+        after: list[dict[str, Tensor]] = []
+        hook_time = 0.0
+        sync(device)
+        start = time.perf_counter()
+        for t in range(cfg.dln_steps + 1):
+            measure = t in measure_at
+            if measure:
+                t0 = time.perf_counter()
+                stack.write_back()
+                ics_rec.append(_stack_rows([ics.gradient_change(m, x, y, squared_error, lr, layers, reduction="sum")
+                                            for m, lr in zip(models, lrs)]))
+                before.append(_stack_rows([ics.activation_stats(m, x, layers) for m in models]))
+                hook_time += time.perf_counter() - t0
+            if t == cfg.dln_steps:
+                with torch.no_grad():
+                    loss_rec.append(stack.losses(mom))
+                break
+            losses = stack.step(mom)
+            if t in log_steps:
+                loss_rec.append(losses)
+            if measure:
+                t0 = time.perf_counter()
+                stack.write_back()
+                after.append(_stack_rows([ics.activation_stats(m, x, layers) for m in models]))
+                hook_time += time.perf_counter() - t0
+        sync(device)
+        total = time.perf_counter() - start
+        stack.write_back()
+        loss = torch.stack(loss_rec).float().cpu().numpy() / cfg.dln_points  # (L, K) per point
+        ics_vals = {k: torch.stack([r[k] for r in ics_rec]).cpu().numpy() for k in ics_rec[0]}
+        stats_b = {k: torch.stack([r[k] for r in before]).cpu().numpy() for k in before[0]}
+        stats_a = {k: torch.stack([r[k] for r in after]).cpu().numpy() for k in after[0]}
+        changes = ics.step_changes(stats_b, stats_a, layers)
+        n = len(seeds)
+        for j in range(len(cfg.dln_lrs)):
+            cols = slice(j * n, (j + 1) * n)
+            p = f"dln_{variant}_{j}"
+            arrays[f"{p}_steps"] = np.array(log_steps)
+            arrays[f"{p}_loss"] = loss[:, cols]
+            bad = ~np.isfinite(loss[:, cols])
+            arrays[f"{p}_diverged"] = np.where(bad.any(0), np.array(log_steps)[bad.argmax(0)], -1)
+            arrays[f"{p}_ics_steps"] = arrays[f"{p}_stats_steps"] = np.array(sorted(measure_at))
+            for key in ("l2", "cos", "g_norm"):
+                arrays[f"{p}_{key}"] = ics_vals[key][:, cols]
+            for layer in layers:
+                arrays[f"{p}_q{layer + 1}"] = stats_b[f"q{layer}"][:, cols]
+                arrays[f"{p}_dmean{layer + 1}"] = changes[f"dmean{layer}"][:, cols]
+                arrays[f"{p}_dvar{layer + 1}"] = changes[f"dvar{layer}"][:, cols]
+        timing[f"dln_{variant}"] = total
+        timing[f"dln_{variant}_hooks"] = hook_time
+
+
+def _stack_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Per-model measurement dicts stacked along a new model axis."""
+    return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+# ---------------------------------------------------------------- headline numbers
+def _nanmean(a: Any) -> float | None:
+    a = np.asarray(a, dtype=float)
+    return float(np.nanmean(a)) if np.isfinite(a).any() else None
+
+
+def _nanmedian(a: Any) -> float | None:
+    a = np.asarray(a, dtype=float)
+    return float(np.nanmedian(a)) if np.isfinite(a).any() else None
+
+
+def at_step(steps: np.ndarray, values: np.ndarray, step: float) -> tuple[int, np.ndarray]:
+    """The recorded step nearest to ``step`` (never step 0, which has no training accuracy) and its values."""
+    candidates = np.nonzero(steps > 0)[0]
+    i = candidates[int(np.abs(steps[candidates] - step).argmin())]
+    return int(steps[i]), values[i]
+
+
+def first_step(steps: np.ndarray, curve: np.ndarray, target: float) -> int | None:
+    """The first recorded step where ``curve`` (one value per record) reaches ``target``; ``None``: never."""
+    hit = np.nonzero(np.nan_to_num(curve, nan=-np.inf) >= target)[0]
+    return int(steps[hit[0]]) if len(hit) else None
+
+
+def summarise(cfg: IcsConfig, a: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The chapter's numbers from the raw arrays (everything the prose and the tables quote)."""
+    scale = cfg.steps / PAPER["steps"]
+    m: dict[str, Any] = {
+        "steps": cfg.steps, "seeds": cfg.seeds, "batch_size": cfg.batch_size, "dln_steps": cfg.dln_steps,
+        "dln_seeds": cfg.dln_seeds, "conv_layers": conv_layers(cfg), "scale": scale,
+        "layers_dist": our_layers(cfg, cfg.dist_layers), "layers_noise": our_layers(cfg, cfg.noise_layers),
+        "layers_ics": our_layers(cfg, cfg.ics_layers), "stats_every": cfg.stats_every, "ics_every": cfg.ics_every,
+        "dln_every": cfg.dln_every,
+    }
+    runs: dict[str, dict[str, Any]] = {}
+    for variant, lr_field in RUNS:
+        p = run_name(variant, lr_field)
+        steps, tr, te = a[f"{p}_steps"], a[f"{p}_train_acc"], a[f"{p}_test_acc"]
+        early_step, early = at_step(steps, tr, PAPER_EARLY_STEP * scale)
+        runs[p] = {
+            "lr": getattr(cfg, lr_field), "train_end": _nanmean(tr[-1]), "test_end": _nanmean(te[-1]),
+            "test_end_sd": float(np.nanstd(te[-1])) if np.isfinite(te[-1]).any() else None,
+            "train_early": _nanmean(early), "early_step": early_step,
+            "diverged": int((a[f"{p}_diverged"] >= 0).sum()),
+        }
+    m["runs"] = runs
+    m["early_step"] = runs["bn_lr"]["early_step"]
+    m["fig1_rows"] = fig1_rows(m)
+    m["fig2_rows"], m["fig2_steps"] = fig2_rows(cfg, a)
+    # noisy BN vs BN: steps to the standard net's final training accuracy (mean curves)
+    target = runs["standard_lr"]["train_end"]
+    m["target_train_acc"] = target
+    for v in ("standard", "bn", "noisy_bn"):
+        p = run_name(v, "lr")
+        m[f"steps_to_target_{v}"] = first_step(a[f"{p}_steps"], np.nanmean(a[f"{p}_train_acc"], 1), target) \
+            if target is not None else None
+    m["shift"] = shift_summary(cfg, a)
+    m["ics"] = ics_summary(cfg, a)
+    m["dln"] = dln_summary(cfg, a)
+    return m
+
+
+def fig1_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Paper-vs-ours rows for Fig. 1 / Appendix A.1 (accuracy at the end and early in training)."""
+    rows = []
+    for (variant, lr_field, what), paper in PAPER_FIG1.items():
+        r = m["runs"][run_name(variant, lr_field)]
+        label = {"test_end": "test accuracy, end", "train_end": "training accuracy, end",
+                 "train_early": f"training accuracy, step {PAPER_EARLY_STEP:,} (ours: {r['early_step']:,})"}[what]
+        rows.append({"net": LABELS[variant], "lr": r["lr"], "what": label, "paper": paper, "ours": r[what]})
+    return rows
+
+
+def fig2_rows(cfg: IcsConfig, a: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], list[int]]:
+    """Fig. 2's training accuracies, paper vs ours at the same fraction of training; and our steps."""
+    scale = cfg.steps / PAPER["steps"]
+    rows, ours_steps = [], []
+    for v in ("standard", "bn", "noisy_bn"):
+        p = run_name(v, "lr")
+        paper_row: dict[str, Any] = {"net": LABELS[v], "source": f"paper ({PAPER['dataset']})"}
+        ours_row: dict[str, Any] = {"net": LABELS[v], "source": "ours"}
+        ours_steps = []
+        for j, (s, acc) in enumerate(zip(PAPER_FIG2_STEPS, PAPER_FIG2[v])):
+            step, values = at_step(a[f"{p}_steps"], a[f"{p}_train_acc"], s * scale)
+            ours_steps.append(step)
+            paper_row[f"c{j}"], ours_row[f"c{j}"] = acc, _nanmean(values)
+        rows += [paper_row, ours_row]
+    return rows, ours_steps
+
+
+def shift_summary(cfg: IcsConfig, a: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Fig. 8 and Ioffe's sense: mean over steps and seeds of |Δμ| and |Δσ²| across one update, per run and layer."""
+    out: dict[str, Any] = {}
+    for variant, lr_field in RUNS:
+        p = run_name(variant, lr_field)
+        if f"{p}_stats_steps" not in a:
+            continue
+        out[p] = {str(i): {"dmean": _nanmean(a[f"{p}_dmean{i}"]), "dvar": _nanmean(a[f"{p}_dvar{i}"])}
+                  for i in stat_layers(cfg)}
+    for i in our_layers(cfg, cfg.noise_layers):
+        k = str(i)
+        std = out["standard_lr"][k]
+        for v in ("bn", "noisy_bn", "noise"):
+            for key in ("dmean", "dvar"):
+                x, base = out[f"{v}_lr"][k][key], std[key]
+                out[f"{v}_lr"][k][f"{key}_vs_standard"] = x / base if x is not None and base else None
+    return out
+
+
+def ics_summary(cfg: IcsConfig, a: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Fig. 3a: median over measured steps and seeds of ‖G − G′‖, cos(G, G′), ‖G′−G‖/‖G‖, per run and layer."""
+    out: dict[str, Any] = {}
+    for variant, lr_field in sorted(ICS_RUNS):
+        p = run_name(variant, lr_field)
+        out[p] = _ics_medians(a, p, our_layers(cfg, cfg.ics_layers))
+    for lr_field in ("lr", "lr_low"):
+        for j, layer in enumerate(our_layers(cfg, cfg.ics_layers)):
+            s, b = out[f"standard_{lr_field}"][str(layer)], out[f"bn_{lr_field}"][str(layer)]
+            b["l2_vs_standard"] = b["l2"] / s["l2"] if b["l2"] is not None and s["l2"] else None
+    return out
+
+
+def _ics_medians(a: dict[str, np.ndarray], p: str, layers: Sequence[int]) -> dict[str, Any]:
+    l2, cos, g = a[f"{p}_l2"], a[f"{p}_cos"], a[f"{p}_g_norm"]
+    with np.errstate(all="ignore"):
+        rel = l2 / g
+    return {str(layer): {"l2": _nanmedian(l2[..., j]), "cos": _nanmedian(cos[..., j]), "rel": _nanmedian(rel[..., j]),
+                         "cos_min": float(np.nanmin(cos[..., j])) if np.isfinite(cos[..., j]).any() else None}
+            for j, layer in enumerate(layers)}
+
+
+def dln_summary(cfg: IcsConfig, a: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Fig. 3b: the DLN's training loss per point (at the start and the end) and the Definition 2.1 medians,
+    per variant and lr."""
+    out: dict[str, Any] = {}
+    for v in DLN_VARIANTS:
+        for j, lr in enumerate(cfg.dln_lrs):
+            p = f"dln_{v}_{j}"
+            loss = a[f"{p}_loss"]  # (L, seeds) per point
+            out[p] = {"lr": lr, "loss_start": _nanmean(loss[0]), "loss_end": _nanmean(loss[-1]),
+                      "diverged": int((a[f"{p}_diverged"] >= 0).sum()), **_ics_medians(a, p, cfg.dln_layers)}
+            first = a[f"{p}_l2"][0]  # step 0: the same initial weights at both learning rates
+            out[p]["l2_step0"] = _nanmean(first[..., 0])
+    for layer in cfg.dln_layers:
+        for v in DLN_VARIANTS:
+            hi, lo = out[f"dln_{v}_0"], out[f"dln_{v}_1"]
+            hi_l2, lo_l2 = a[f"dln_{v}_0_l2"][0], a[f"dln_{v}_1_l2"][0]
+            j = list(cfg.dln_layers).index(layer)
+            with np.errstate(all="ignore"):
+                hi[str(layer)]["l2_ratio_step0"] = _nanmean(hi_l2[..., j] / lo_l2[..., j])
+    return out
+
+
+# ---------------------------------------------------------------- tables
+def open_choices(c: dict[str, Any], m: dict[str, Any]) -> list[dict[str, str]]:
+    """What the paper leaves open or what the machine forced, and our choice (rows for a table)."""
+    widths = "-".join(str(w) for w in m["widths"])
+    return [
+        {"what": "which VGG", "ours": f"{c['vgg']} ({m['conv_layers']} convs, widths {widths}), conv → BN → ReLU, "
+         "global average pooling, one linear read-out, Glorot-uniform init",
+         "why": "the paper says only 'VGG-like'; its labels reach #13 (VGG-16); the quick profile narrows the net to fit "
+                "a 2-core CPU; the paper profile uses VGG-16 at full width"},
+        {"what": "data", "ours": m["dataset_description"],
+         "why": "CIFAR-10 needs a download; Fashion-MNIST ships with the machine"},
+        {"what": "layer labels", "ours": f"the paper's #k of {c['paper_depth']} ↦ our layer at the same relative depth",
+         "why": "our net has a different depth"},
+        {"what": "noise: r_σ in N(σ, r_σ)", "ours": "a standard deviation", "why": "the paper does not say"},
+        {"what": "noise in conv layers", "ours": "one draw of m, s per sample, channel and position",
+         "why": "the paper: height and width count as batch dimensions"},
+        {"what": "activation statistics", "ours": "per channel over batch and positions, on the training batch, "
+         "in training mode; change = after − before one update on the same batch",
+         "why": "Fig. 8 does not say which batch; the same batch isolates the update's effect"},
+        {"what": "a 'layer' in Definition 2.1", "ours": "a conv kernel or weight matrix W_i; 'earlier layers' move "
+         "all their parameters (weights, biases, γ, β); G, G′ from one batch, same noise",
+         "why": "the definition names W_i only"},
+        {"what": "DLN loss", "ours": "squared error summed over the 1,000 points",
+         "why": "with the mean, lr 1e-6 barely moves the loss in 10,000 steps"},
+        {"what": "DLN with BN", "ours": "BN after each of the first 24 matrices, none after the output matrix",
+         "why": "the paper does not say where"},
+    ]
+
+
+def shift_rows(cfg: IcsConfig, m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fig. 8 in numbers: mean |Δμ| and |Δσ²| across one update, per variant and layer."""
+    rows = []
+    for v in ("standard", "bn", "noisy_bn", "noise"):
+        for paper_label, i in zip(cfg.noise_layers, m["layers_noise"]):
+            s = m["shift"][f"{v}_lr"][str(i)]
+            rows.append({"net": LABELS[v], "layer": f"#{paper_label} (ours {i})", "dmean": s["dmean"],
+                         "dvar": s["dvar"], "dmean_x": s.get("dmean_vs_standard"), "dvar_x": s.get("dvar_vs_standard")})
+    return rows
+
+
+def both_measures_rows(cfg: IcsConfig, m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The two senses of ICS on the same VGG runs: distribution change (Ioffe) and gradient change (Santurkar)."""
+    rows = []
+    for lr_field in ("lr", "lr_low"):
+        for v in ("standard", "bn"):
+            p = run_name(v, lr_field)
+            for paper_label, i in zip(cfg.ics_layers, m["layers_ics"]):
+                sh, g = m["shift"][p][str(i)], m["ics"][p][str(i)]
+                rows.append({"net": LABELS[v], "lr": getattr(cfg, lr_field), "layer": f"#{paper_label} (ours {i})",
+                             "dmean": sh["dmean"], "dvar": sh["dvar"], "l2": g["l2"], "rel": g["rel"], "cos": g["cos"]})
+    return rows
+
+
+def dln_rows(cfg: IcsConfig, m: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fig. 3b in numbers: per DLN variant and lr, the training loss and the medians of Definition 2.1."""
+    rows = []
+    for v in DLN_VARIANTS:
+        for j, lr in enumerate(cfg.dln_lrs):
+            d = m["dln"][f"dln_{v}_{j}"]
+            for layer in cfg.dln_layers:
+                g = d[str(layer)]
+                rows.append({"net": "DLN" + (" + BN" if v == "bn" else ""), "lr": lr, "layer": f"#{layer}",
+                             "loss_start": d["loss_start"], "loss_end": d["loss_end"], "l2": g["l2"], "rel": g["rel"],
+                             "cos": g["cos"]})
+    return rows
+
+
+# ---------------------------------------------------------------- figures
+def _steps(res: Result, p: str) -> np.ndarray:
+    return res.arrays[f"{p}_steps"]
+
+
+def figure_accuracy(res: Result, lr_fields: Sequence[str] = ("lr", "lr_high")):
+    """Fig. 1(a, b): training and test accuracy of the standard and the BN VGG at two learning rates (seed bands)."""
+    import matplotlib.pyplot as plt
+
+    from bnbook.plots import seed_band
+
+    a, c = res.arrays, res.config
+    fig, axes = plt.subplots(2, len(lr_fields), figsize=(4.2 * len(lr_fields), 5.6), sharex=True, sharey="row",
+                             squeeze=False)
+    for col, lr_field in enumerate(lr_fields):
+        for v in ("standard", "bn"):
+            p = run_name(v, lr_field)
+            seed_band(axes[0, col], _steps(res, p), a[f"{p}_train_acc"], COLORS[v], LABELS[v])
+            seed_band(axes[1, col], _steps(res, p), a[f"{p}_test_acc"], COLORS[v], LABELS[v])
+        axes[0, col].set_title(f"lr {c[lr_field]:g}")
+        axes[1, col].set_xlabel("training step")
+    axes[0, 0].set_ylabel("training accuracy\n(batches, training mode)")
+    axes[1, 0].set_ylabel("test accuracy")
+    for ax in axes.flat:
+        ax.set_ylim(0, 1)
+    axes[0, 0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _quantile_band(ax, steps: np.ndarray, q: np.ndarray, color: str) -> None:
+    """Nested bands between symmetric quantiles (outermost lightest) and the median as a line; q: (T, Q)."""
+    n = q.shape[1]
+    for j in range(n // 2):
+        ax.fill_between(steps, q[:, j], q[:, n - 1 - j], color=color, alpha=0.15 + 0.12 * j, lw=0)
+    ax.plot(steps, q[:, n // 2], color=color, lw=1.2)
+
+
+def figure_distributions(res: Result, variants: Sequence[str], layers: Sequence[int], paper_labels: Sequence[int],
+                         lr_field: str = "lr", seed_index: int = 0):
+    """Activation distributions over training: quantile bands of each layer's ReLU input (one model per variant)."""
+    import matplotlib.pyplot as plt
+
+    from bnbook import ics as measures
+
+    a = res.arrays
+    fig, axes = plt.subplots(len(variants), len(layers), figsize=(3.3 * len(layers), 2.4 * len(variants)),
+                             sharex=True, squeeze=False)
+    qs = measures.QUANTILES
+    for r, v in enumerate(variants):
+        p = run_name(v, lr_field)
+        for col, (i, label) in enumerate(zip(layers, paper_labels)):
+            ax = axes[r, col]
+            _quantile_band(ax, a[f"{p}_stats_steps"], a[f"{p}_q{i}"][:, seed_index], COLORS[v])
+            ax.set_title(f"{LABELS[v]}, layer #{label} (ours {i})", fontsize=8.5)
+        axes[r, 0].set_ylabel("ReLU input")
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    fig.suptitle(f"quantiles {', '.join(f'{q:g}' for q in qs)} (bands) and median (line)", fontsize=8.5)
+    fig.tight_layout()
+    return fig
+
+
+def figure_noisy_accuracy(res: Result):
+    """Fig. 2's accuracy panel: standard, BN, noisy BN and noise without BN (seed bands), training and test."""
+    import matplotlib.pyplot as plt
+
+    from bnbook.plots import seed_band
+
+    a = res.arrays
+    fig, axes = plt.subplots(1, 2, figsize=(8.6, 3.4), sharey=True)
+    for v in ("standard", "bn", "noisy_bn", "noise"):
+        p = run_name(v, "lr")
+        seed_band(axes[0], _steps(res, p), a[f"{p}_train_acc"], COLORS[v], LABELS[v])
+        seed_band(axes[1], _steps(res, p), a[f"{p}_test_acc"], COLORS[v], LABELS[v])
+    axes[0].set_ylabel("accuracy")
+    axes[0].set_title("training (batches, training mode)", fontsize=9)
+    axes[1].set_title("test (inference mode: no noise)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=7.5, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def figure_step_changes(res: Result, layers: Sequence[int], paper_labels: Sequence[int]):
+    """Fig. 8: |μ_after − μ_before| and |σ²_after − σ²_before| across one update, per layer (mean over channels)."""
+    import matplotlib.pyplot as plt
+
+    from bnbook.plots import seed_band
+
+    a = res.arrays
+    fig, axes = plt.subplots(2, len(layers), figsize=(3.3 * len(layers), 4.8), sharex=True, squeeze=False)
+    for col, (i, label) in enumerate(zip(layers, paper_labels)):
+        for v in ("standard", "bn", "noisy_bn"):
+            p = run_name(v, "lr")
+            steps = a[f"{p}_stats_steps"]
+            seed_band(axes[0, col], steps, np.maximum(a[f"{p}_dmean{i}"], 1e-12), COLORS[v], LABELS[v])
+            seed_band(axes[1, col], steps, np.maximum(a[f"{p}_dvar{i}"], 1e-12), COLORS[v], LABELS[v])
+        axes[0, col].set_title(f"layer #{label} (ours {i})", fontsize=9)
+        axes[1, col].set_xlabel("training step")
+        for ax in axes[:, col]:
+            ax.set_yscale("log")
+    axes[0, 0].set_ylabel(r"$|\mu_{t+1}-\mu_t|$")
+    axes[1, 0].set_ylabel(r"$|\sigma^2_{t+1}-\sigma^2_t|$")
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def figure_gradient_change(res: Result, prefixes: Sequence[Sequence[str]], titles: Sequence[str],
+                           layers: Sequence[int], layer_labels: Sequence[str], left: str):
+    """Fig. 3: per row (one learning rate), the training curve and ‖G − G′‖₂, cos(G, G′) of two layers.
+
+    ``prefixes[r]`` holds the run prefixes of row r as (standard, BN); ``left`` is ``"acc"`` (VGG:
+    training accuracy) or ``"loss"`` (DLN: training loss per point, log scale).
+    """
+    import matplotlib.pyplot as plt
+
+    from bnbook.plots import seed_band
+
+    a, c = res.arrays, res.config
+    n = 1 + 2 * len(layers)
+    fig, axes = plt.subplots(len(prefixes), n, figsize=(2.6 * n, 2.5 * len(prefixes)), squeeze=False)
+    for r, (row, title) in enumerate(zip(prefixes, titles)):
+        for p, v in zip(row, ("standard", "bn")):
+            label = LABELS[v] if left == "acc" else ("DLN" if v == "standard" else "DLN + BN")
+            if left == "acc":
+                seed_band(axes[r, 0], a[f"{p}_steps"], a[f"{p}_train_acc"], COLORS[v], label)
+            else:
+                seed_band(axes[r, 0], a[f"{p}_steps"], a[f"{p}_loss"], COLORS[v], label)
+            steps = a[f"{p}_ics_steps"]
+            for j in range(len(layers)):
+                seed_band(axes[r, 1 + 2 * j], steps, a[f"{p}_l2"][..., j], COLORS[v], label)
+                seed_band(axes[r, 2 + 2 * j], steps, a[f"{p}_cos"][..., j], COLORS[v], label)
+        axes[r, 0].set_ylabel(title)
+        if left == "acc":
+            axes[r, 0].set_ylim(0, 1)
+            axes[r, 0].set_title("training accuracy", fontsize=9)
+        else:
+            axes[r, 0].set_yscale("log")
+            axes[r, 0].set_title("training loss per point", fontsize=9)
+        for j, name in enumerate(layer_labels):
+            axes[r, 1 + 2 * j].set_yscale("log")
+            axes[r, 1 + 2 * j].set_title(f"{name}: $\\|G-G'\\|_2$", fontsize=9)
+            axes[r, 2 + 2 * j].set_title(f"{name}: $\\cos(G, G')$", fontsize=9)
+            axes[r, 2 + 2 * j].set_ylim(-1.05, 1.05)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    axes[0, 0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- exercises
+def noise_shift_prediction(n_mu: float = 0.5, n_sigma: float = 1.25, grid: int = 1_000) -> dict[str, float]:
+    """Expected per-channel |Δμ| and |Δσ²| across one update behind noisy BN, if γ and β stayed put.
+
+    Behind BN a channel has batch mean β and variance ≈ γ²; Algorithm 1 shifts it by about
+    μ_t ~ U(−n_μ, n_μ) and scales it by about σ_t ~ U(1, n_σ), drawn afresh each step. With
+    γ = 1, β = 0: E|μ_{t+1} − μ_t| = 2n_μ/3, and the variance σ_t² (plus the constants r_σ²
+    and r_μ²/3, which cancel in the difference) gives E|σ²_{t+1} − σ²_t| — here by the
+    midpoint rule on a ``grid``×``grid`` lattice.
+    """
+    s = 1 + (n_sigma - 1) * (np.arange(grid) + 0.5) / grid
+    v = s**2
+    return {"dmean": 2 * n_mu / 3, "dvar": float(np.abs(v[:, None] - v[None, :]).mean())}
+
+
+# ---------------------------------------------------------------- numbers for the prose
+def _range_text(values: Sequence[float | None], spec: str) -> str:
+    """'a–b' over the finite values (or the single value), '—' if none."""
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return "—"
+    lo, hi = min(v), max(v)
+    return format(lo, spec) if format(lo, spec) == format(hi, spec) else f"{format(lo, spec)}–{format(hi, spec)}"
+
+
+def prose_values(res: Result) -> dict[str, tuple[Any, str]]:
+    """Every number the chapter's prose quotes: name -> (value, format spec), all from the result file."""
+    m, c = res.metrics, res.config
+    r = m["runs"]
+    env = res.record["environment"]
+    la, lb = m["layers_ics"]
+    v: dict[str, tuple[Any, str]] = {
+        "profile": (c["profile"], ""), "steps": (c["steps"], ","), "seeds": (c["seeds"], "d"),
+        "batch": (c["batch_size"], "d"), "n_train": (m["train_images"], ","), "n_test": (m["test_images"], ","),
+        "widths": ("-".join(str(w) for w in m["widths"]), ""), "vgg": (c["vgg"], ""), "n_conv": (m["conv_layers"], "d"),
+        "lr": (c["lr"], "g"), "lr_high": (c["lr_high"], "g"), "lr_low": (c["lr_low"], "g"),
+        "dln_steps": (c["dln_steps"], ","), "dln_seeds": (c["dln_seeds"], "d"), "dln_points": (c["dln_points"], ","),
+        "dln_lr_hi": (c["dln_lrs"][0], "g"), "dln_lr_lo": (c["dln_lrs"][1], "g"),
+        "stats_every": (c["stats_every"], "d"), "ics_every": (c["ics_every"], "d"), "dln_every": (c["dln_every"], "d"),
+        "early_step": (m["early_step"], ","), "paper_early_step": (PAPER_EARLY_STEP, ","),
+        "runtime": (res.record["runtime_s"], ".0f"),
+        "machine": (f"{env['device']} ({env['device_name']}, {env['cpu_count']} cores, "
+                    f"{c['threads'] or env['torch_threads']} thread(s))", ""),
+    }
+    for p, name in (("standard_lr", "std"), ("bn_lr", "bn"), ("noisy_bn_lr", "noisy"), ("noise_lr", "noise"),
+                    ("standard_lr_high", "std_high"), ("bn_lr_high", "bn_high"), ("standard_lr_low", "std_low"),
+                    ("bn_lr_low", "bn_low")):
+        v[f"test_{name}"] = (r[p]["test_end"], ".3f")
+        v[f"test_sd_{name}"] = (r[p]["test_end_sd"], ".3f")
+        v[f"train_{name}"] = (r[p]["train_end"], ".3f")
+        v[f"early_{name}"] = (r[p]["train_early"], ".3f")
+        v[f"div_{name}"] = (r[p]["diverged"], "d")
+    v["target"] = (m["target_train_acc"], ".3f")
+    for name in ("standard", "bn", "noisy_bn"):
+        v[f"to_target_{name}"] = (m[f"steps_to_target_{name}"], ",")
+    # Fig. 8: noisy BN's and BN's shift relative to the standard net's, over the three layers
+    sh = m["shift"]
+    noise_layers = [str(i) for i in m["layers_noise"]]
+    for name, p in (("noisy", "noisy_bn_lr"), ("bn", "bn_lr"), ("noise", "noise_lr")):
+        for key in ("dmean", "dvar"):
+            v[f"{name}_{key}_x"] = (_range_text([sh[p][i][f"{key}_vs_standard"] for i in noise_layers], ".2g"), "")
+            v[f"{name}_{key}"] = (_range_text([sh[p][i][key] for i in noise_layers], ".3f"), "")
+    for key in ("dmean", "dvar"):
+        v[f"std_{key}"] = (_range_text([sh["standard_lr"][i][key] for i in noise_layers], ".2g"), "")
+    pred = noise_shift_prediction()
+    v["pred_dmean"], v["pred_dvar"] = (pred["dmean"], ".3f"), (pred["dvar"], ".3f")
+    # the two senses of ICS on the same runs, at Fig. 3's layers
+    for lr_field, tag in (("lr", ""), ("lr_low", "_low")):
+        for layer, ab in ((la, "a"), (lb, "b")):
+            s_std, s_bn = sh[f"standard_{lr_field}"][str(layer)], sh[f"bn_{lr_field}"][str(layer)]
+            g_std, g_bn = m["ics"][f"standard_{lr_field}"][str(layer)], m["ics"][f"bn_{lr_field}"][str(layer)]
+            ratio = s_bn["dmean"] / s_std["dmean"] if s_std["dmean"] else None
+            v[f"ioffe_x{tag}_{ab}"] = (ratio, ".2g")
+            v[f"l2_x{tag}_{ab}"] = (g_bn["l2_vs_standard"], ".2g")
+            v[f"cos_std{tag}_{ab}"] = (g_std["cos"], ".2f")
+            v[f"cos_bn{tag}_{ab}"] = (g_bn["cos"], ".2f")
+            v[f"rel_std{tag}_{ab}"] = (g_std["rel"], ".2g")
+            v[f"rel_bn{tag}_{ab}"] = (g_bn["rel"], ".2g")
+    v["layer_a"], v["layer_b"] = (la, "d"), (lb, "d")
+    v["paper_a"], v["paper_b"] = (c["ics_layers"][0], "d"), (c["ics_layers"][1], "d")
+    # the DLN
+    d = m["dln"]
+    dl = [str(i) for i in c["dln_layers"]]
+    for name in DLN_VARIANTS:
+        for j, tag in ((0, "hi"), (1, "lo")):
+            p = f"dln_{name}_{j}"
+            v[f"dln_{name}_loss0_{tag}"] = (d[p]["loss_start"], ".3g")
+            v[f"dln_{name}_loss_{tag}"] = (d[p]["loss_end"], ".3g")
+            v[f"dln_{name}_cos_{tag}"] = (_range_text([d[p][i]["cos"] for i in dl], ".2f"), "")
+            v[f"dln_{name}_rel_{tag}"] = (_range_text([d[p][i]["rel"] for i in dl], ".2g"), "")
+        v[f"dln_{name}_ratio0"] = (_range_text([d[f"dln_{name}_0"][i]["l2_ratio_step0"] for i in dl], ".3g"), "")
+    # cost of Definition 2.1
+    t = m["timing_s"]
+    measured = len(range(0, c["steps"], c["ics_every"]))
+    v["ics_passes"] = (measured * (1 + len(c["ics_layers"])) * c["seeds"], ",")
+    v["ics_measured"] = (measured, ",")
+    v["train_passes"] = (c["steps"] * c["seeds"], ",")
+    v["ics_share"] = (100 * measured * (1 + len(c["ics_layers"])) / c["steps"], ".0f")
+    hooks = sum(val for k, val in t.items() if k.endswith("_hooks"))
+    total = sum(val for k, val in t.items() if not k.endswith("_hooks"))
+    v["hook_time"], v["train_time"] = (hooks, ".0f"), (total - hooks, ".0f")
+    return v
