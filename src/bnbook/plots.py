@@ -32,13 +32,15 @@ def setup_style() -> None:
 def save(fig: Figure, result: Result | Path, name: str) -> Path:
     """Save ``fig`` as ``<name>.png`` in the result folder (beside ``arrays.npz``) and return the path.
 
-    The PNG carries :func:`describe`'s text alternative in its ``Description`` field.
+    The PNG carries :func:`describe`'s text alternative in its ``Description`` field. An unchanged
+    figure is not written again (so a read-only results cache works), and a result records the
+    figure's checksum.
     """
-    folder = result if isinstance(result, Path) else result.dir
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    path.write_bytes(png_bytes(fig, describe(fig)))
-    return path
+    from bnbook.results import store_figure
+
+    if isinstance(result, Path):
+        result.mkdir(parents=True, exist_ok=True)
+    return store_figure(result, f"{name}.png", png_bytes(fig, describe(fig)))
 
 
 def seed_band(ax, x, values, color: str, label: str | None = None, *, band: str = "range",
