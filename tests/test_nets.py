@@ -171,16 +171,6 @@ def test_small_cnn_init_is_he_normal_per_conv_from_the_seed() -> None:
     assert net.readout.weight.abs().max() <= bound and torch.equal(net.readout.bias, torch.zeros(10))
 
 
-@pytest.mark.skipif(not hasattr(nets, "PackedCNN"), reason="the packed nets have been retired")
-@pytest.mark.parametrize("norm", ["bn", "ws+gn", "ln", "none"])
-def test_small_cnn_is_one_model_of_the_packed_cnn(norm) -> None:
-    x = torch.randn(5, 1, 28, 28)
-    packed = nets.PackedCNN(norm=norm, models=2, seeds=[3, 4])
-    single = nets.SmallCNN(norm=norm, seed=4)
-    torch.testing.assert_close(single.convs[1].weight, packed.convs[1].weight[32:])
-    torch.testing.assert_close(single(x), packed(torch.stack([x, x]))[1], rtol=1e-5, atol=1e-5)
-
-
 # ------------------------------------------------------------------ VGG (chapters 6, 7)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_vgg_output_shapes_for_one_and_three_channels(channels) -> None:
