@@ -1,27 +1,14 @@
 """The runner: chapter selection, parameter checks, incremental runs, failures (on a toy project)."""
 
 import json
-import textwrap
 
 import pytest
 import torch
 
 from bnbook import run as runner
+from toychapter import chapter
 
-TOY = textwrap.dedent('''\
-    ---
-    jupytext:
-      text_representation:
-        extension: .md
-        format_name: myst
-    kernelspec:
-      display_name: Python 3
-      language: python
-      name: python3
-    ---
-
-    # Toy
-
+TOY = chapter("Toy", '''\
     ```{code-cell} ipython3
     :tags: [parameters]
     profile = "quick"

@@ -11,6 +11,7 @@ import pytest
 
 from bnbook import run as runner
 from bnbook.config import ChapterConfig
+from toychapter import chapter
 
 MAX_SEED = 2**31 - 1
 
@@ -33,20 +34,7 @@ TOYCFG = textwrap.dedent('''\
         profiles: ClassVar = {"smoke": {"steps": 3}, "paper": {"train_size": 0}}
     ''')
 
-CHAPTER = textwrap.dedent('''\
-    ---
-    jupytext:
-      text_representation:
-        extension: .md
-        format_name: myst
-    kernelspec:
-      display_name: Python 3
-      language: python
-      name: python3
-    ---
-
-    # Toy
-
+CHAPTER = chapter("Toy", '''\
     ```{code-cell} ipython3
     :tags: [parameters]
     profile = "quick"

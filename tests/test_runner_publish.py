@@ -10,6 +10,7 @@ import pytest
 
 from bnbook import results
 from bnbook import run as runner
+from toychapter import HEADER
 
 TOYEXP = textwrap.dedent('''\
     import dataclasses
@@ -34,23 +35,7 @@ TOYEXP = textwrap.dedent('''\
         return Outcome(metrics={"total": cfg.steps * 10}, arrays={"curve": np.arange(cfg.steps)}, datasets=["none"])
     ''')
 
-HEADER = textwrap.dedent('''\
-    ---
-    jupytext:
-      text_representation:
-        extension: .md
-        format_name: myst
-    kernelspec:
-      display_name: Python 3
-      language: python
-      name: python3
-    ---
-
-    # Toy
-
-    ''')
-
-CHAPTER = HEADER + textwrap.dedent('''\
+CHAPTER = HEADER + "# Toy\n\n" + textwrap.dedent('''\
     ```{code-cell} ipython3
     :tags: [parameters]
     profile = "quick"
@@ -70,7 +55,7 @@ CHAPTER = HEADER + textwrap.dedent('''\
     ```
     ''')
 
-CACHED_CHAPTER = HEADER + textwrap.dedent('''\
+CACHED_CHAPTER = HEADER + "# Toy\n\n" + textwrap.dedent('''\
     ```{code-cell} ipython3
     :tags: [parameters]
     profile = "quick"

@@ -5,25 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
+from toychapter import chapter
 
-CHAPTER = textwrap.dedent('''\
-    ---
-    jupytext:
-      text_representation:
-        extension: .md
-        format_name: myst
-    kernelspec:
-      display_name: Python 3
-      language: python
-      name: python3
-    ---
-
-    # Slow
-
+CHAPTER = chapter("Slow", '''\
     ```{code-cell} ipython3
     :tags: [parameters]
     profile = "quick"
