@@ -12,6 +12,7 @@ from bnbook import nets, results, train
 from bnbook.data import Dataset
 from bnbook.errors import BnbookError
 from bnbook.experiments import bn_only as ch
+from bnbook.experiments import bn_only_units
 
 
 def tiny_data(n_train: int = 64, n_test: int = 32, size: int = 8, seed: int = 0) -> Dataset:
@@ -213,6 +214,16 @@ def test_grid_units_are_unique_and_grouped_by_seed():
     assert [round(f * paper.steps) for f in paper.milestones] == [80 * 390, 120 * 390]
 
 
+def test_unit_keys_do_not_depend_on_the_chapter_summary():
+    """A unit's result key hashes the code its computation runs: the units module and the library,
+    not the chapter's config class, summary, figures or prose helpers."""
+    deps = results.code_dependencies(ch.compute_unit)
+    names = {p.name for p in deps.files}
+    assert "bn_only.py" in names and "train.py" in names and "nets.py" in names
+    assert not any(p.as_posix().endswith("experiments/bn_only.py") for p in deps.files)
+    assert "BnOnlyConfig" not in deps.own and "prose_numbers" not in deps.own
+
+
 def test_bad_configs_fail_clearly():
     with pytest.raises(BnbookError, match="6D"):
         ch.BnOnlyConfig.from_params("smoke", depths=(10,))
@@ -235,4 +246,4 @@ def test_a_unit_trains_its_seed_group_once_and_caches_every_sibling():
     assert first.metrics["changed_others"] == 0 and first.metrics["changed_bn"] == first.metrics["trainable_bn"]
     assert first.arrays["gamma"].shape == (lib.bn_channels(nets.ResNet(8, 4, in_channels=1)),)
     assert {a["threshold"] for a in first.metrics["ablation"]} == set(cfg.ablation_thresholds)
-    assert not ch._SIBLINGS.outcomes  # nothing left behind
+    assert not bn_only_units._SIBLINGS.outcomes  # nothing left behind
