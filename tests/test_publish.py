@@ -198,7 +198,7 @@ def test_every_chapter_download_parses_as_a_notebook(chapter):
 
 # ------------------------------------------------------------------ PDF helpers
 def test_pdf_checks_catch_raw_math_and_missing_titles(tmp_path):
-    for bad in ("$$x$$", r"\(x\)", r"\[x\]", r"\begin{align}"):
+    for bad in ("$$x$$", r"\(x\)", r"\[x\]", r"\begin{align}", r"|g|^2 - \frac1m"):
         assert publish.RAW_MATH.search(bad), bad
     assert not publish.RAW_MATH.search("y = γ x̂ + β, a price of $5")
 
@@ -211,3 +211,25 @@ def test_readme_layout_names_only_modules_that_exist():
     package = ROOT / "src" / "bnbook"
     missing = sorted(n for n in named if not (package / f"{n}.py").exists() and not (package / n).is_dir())
     assert not missing, f"README names modules that do not exist: {missing}"
+
+
+def test_png_records_its_smallest_text():
+    fig = _figure()
+    fig.axes[0].set_title("tiny", fontsize=5)
+    assert plots.smallest_text_px(fig) == pytest.approx(5 * plots.DPI / 72)
+    assert plots.read_text_px(plots.png_bytes(fig, "x")) == pytest.approx(5 * plots.DPI / 72, abs=0.05)
+    plt.close("all")
+
+
+def test_layout_problems_name_overlaps_errors_and_small_text():
+    from bnbook import pagecheck
+
+    report = {"width": 400, "scrollWidth": 520, "errors": ["Undefined control sequence \\foo"],
+              "math": [{"id": "equation-a", "typeset": True, "overlap": True, "scrolls": True},
+                       {"id": "equation-b", "typeset": False, "overlap": False, "scrolls": False}],
+              "images": [{"src": "a.png", "scale": 0.3, "text_px": 6.3}, {"src": "b.png", "scale": 0.6, "text_px": 12.6}]}
+    problems = pagecheck.layout_problems(report)
+    assert len(problems) == 5 and "520 px wide" in problems[0] and "\\foo" in problems[1]
+    assert "equation-a" in problems[2] and "equation-b" in problems[3] and "a.png" in problems[4]
+    clean = dict(report, scrollWidth=400, errors=[], math=[], images=report["images"][1:])
+    assert pagecheck.layout_problems(clean) == []

@@ -3,7 +3,7 @@
 ``python -m bnbook.pagecheck [HTML_DIR] [--out DIR]`` (``make screenshots``) writes, for every
 page, a 400-px-wide screenshot in light and in dark mode, and prints the layout problems
 :func:`layout_report` finds (display equations whose number overlaps the formula, figures
-shrunk so far that their labels become unreadable, pages wider than the window).
+shrunk so far that their smallest text falls under 7.5 px, pages wider than the window).
 """
 
 from __future__ import annotations
@@ -26,16 +26,22 @@ CHROMIUM_FLAGS = (
 )
 """Headless Chromium that touches nothing outside the page (no updates, sync or prefetching)."""
 
-MIN_FIGURE_SCALE = 0.42
-"""Smallest display scale of a figure (CSS px per PNG px). The book's PNGs are drawn at 150 dpi with
-tick labels of about 10 pt, i.e. 21 px; below this scale they would be shown under 9 px."""
+MIN_TEXT_PX = 7.5
+"""Smallest readable figure text on a page, in CSS px: the figure's smallest font (recorded in its
+PNG by :func:`bnbook.plots.png_bytes`) times the figure's display scale. Body text is 16 px."""
+
+DEFAULT_TEXT_PX = 21.0
+"""Assumed smallest text of a PNG that does not record it: 10 pt at 150 dpi."""
 
 _PROBE = """
 <script>
 (function () {
   function report() {
     var out = {width: window.innerWidth, scrollWidth: document.documentElement.scrollWidth,
-               math: [], images: []};
+               math: [], images: [], errors: []};
+    document.querySelectorAll("mjx-merror").forEach(function (e) {  // TeX that MathJax could not typeset
+      out.errors.push((e.getAttribute("data-mjx-error") || e.textContent).slice(0, 200));
+    });
     document.querySelectorAll("div.math").forEach(function (div) {
       var box = div.querySelector("mjx-container"), no = div.querySelector("span.eqno");
       var formula = box && box.querySelector("mjx-math");
@@ -99,8 +105,9 @@ def layout_report(page: Path, *, width: int = 768, height: int = 1200, budget_ms
     """Measure ``page`` at a window ``width`` once MathJax has finished.
 
     Returns ``{"width", "scrollWidth", "math": [{id, typeset, overlap, scrolls}], "images":
-    [{src, alt, width, scale}]}``: ``overlap`` means an equation number covers its formula,
-    ``scale`` is the figure's displayed/natural width.
+    [{src, alt, width, scale, text_px}], "errors": [MathJax errors]}``: ``overlap`` means an
+    equation number covers its formula, ``scale`` is the figure's displayed/natural width and
+    ``text_px`` the displayed size of its smallest text.
     """
     source = page.read_text()
     probe = page.with_name(f".probe-{page.name}")  # beside the page, so relative links resolve
@@ -115,22 +122,33 @@ def layout_report(page: Path, *, width: int = 768, height: int = 1200, budget_ms
         raise BnbookError(f"no layout report from {page} (did the page load?) {proc.stderr.strip()[-500:]}")
     import html
 
-    return json.loads(html.unescape(match.group(1)))
+    from bnbook.plots import read_text_px
+
+    report = json.loads(html.unescape(match.group(1)))
+    for img in report["images"]:  # how large the figure's smallest text appears
+        src = (img["src"] or "").split("?")[0]
+        path = (page.parent / src).resolve()
+        text_px = read_text_px(path) if src.endswith(".png") and path.exists() else None
+        img["text_px"] = (text_px or DEFAULT_TEXT_PX) * img["scale"] if img["scale"] else None
+    return report
 
 
-def layout_problems(report: dict[str, Any], *, min_scale: float = MIN_FIGURE_SCALE) -> list[str]:
+def layout_problems(report: dict[str, Any], *, min_text_px: float = MIN_TEXT_PX) -> list[str]:
     """What is wrong in a :func:`layout_report`, as sentences (empty when nothing is)."""
     problems = []
     if report["scrollWidth"] > report["width"] + 1:
         problems.append(f"the page is {report['scrollWidth']} px wide in a {report['width']} px window")
+    for error in report.get("errors", []):
+        problems.append(f"MathJax could not typeset a formula: {error}")
     for m in report["math"]:
         if not m["typeset"]:
             problems.append(f"equation {m['id'] or '(unnamed)'} was not typeset")
         elif m["overlap"]:
             problems.append(f"equation {m['id'] or '(unnamed)'}: its number overlaps the formula")
     for img in report["images"]:
-        if img["scale"] is not None and img["scale"] < min_scale:
-            problems.append(f"figure {img['src']} is shown at {img['scale']:.2f} of its size: labels under 9 px")
+        if img.get("text_px") is not None and img["text_px"] < min_text_px:
+            problems.append(f"figure {img['src']} is shown at {img['scale']:.2f} of its size: "
+                            f"its smallest text is {img['text_px']:.1f} px")
     return problems
 
 
@@ -154,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shot = screenshot(page, args.out / f"{stem}-400{'-dark' if dark else ''}.png", dark=dark)
             print(f"screenshot {shot}")
         for width in (400, 768, 1280):
-            min_scale = MIN_FIGURE_SCALE if width >= 768 else 0.0  # a phone shrinks every figure
-            for problem in layout_problems(layout_report(page, width=width), min_scale=min_scale):
+            min_px = MIN_TEXT_PX if width >= 768 else 0.0  # a phone shrinks every figure
+            for problem in layout_problems(layout_report(page, width=width), min_text_px=min_px):
                 found += 1
                 print(f"{page.name} at {width} px: {problem}")
     print(f"{found} layout problem(s)")

@@ -214,11 +214,39 @@ def describe(fig: Figure) -> str:
     return " ".join(parts)
 
 
+TEXT_KEY = "Smallest text px"
+"""PNG text field with the height in pixels of the smallest text in the figure (its font size at
+:data:`DPI`), from which :mod:`bnbook.pagecheck` tells how large the labels appear on a page."""
+
+
+def smallest_text_px(fig: Figure) -> float | None:
+    """Font size in PNG pixels (at :data:`DPI`) of the smallest visible text of ``fig``."""
+    from matplotlib.text import Text
+
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes) * DPI / 72 if sizes else None
+
+
 def png_bytes(fig: Figure, description: str) -> bytes:
-    """``fig`` as PNG bytes (150 dpi, tight box) with ``description`` in the PNG's alt-text field."""
+    """``fig`` as PNG bytes (150 dpi, tight box) with ``description`` in the PNG's alt-text field
+    and its smallest text size in :data:`TEXT_KEY`."""
+    metadata = {ALT_KEY: description}
+    px = smallest_text_px(fig)
+    if px is not None:
+        metadata[TEXT_KEY] = f"{px:.1f}"
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={ALT_KEY: description})
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata=metadata)
     return buf.getvalue()
+
+
+def read_text_px(png: bytes | Path) -> float | None:
+    """The smallest text size stored in a PNG by :func:`png_bytes`, or ``None``."""
+    from PIL import Image
+
+    source = io.BytesIO(png) if isinstance(png, bytes) else png
+    with Image.open(source) as image:
+        value = getattr(image, "text", {}).get(TEXT_KEY)
+    return float(value) if value else None
 
 
 def read_description(png: bytes | Path) -> str | None:

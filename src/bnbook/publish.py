@@ -290,8 +290,9 @@ def pdf_text(pdf: Path) -> str:
                           check=True).stdout
 
 
-RAW_MATH = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|\\begin\{|\\frac|\\mathrm")
-"""TeX that MathJax would have replaced: its presence in a printed page means untypeset math."""
+RAW_MATH = re.compile(r"\$\$|\\\[|\\\]|\\\(|\\\)|\\begin\{|\\frac(?![A-Za-z])")
+"""TeX that MathJax would have replaced: its presence in a printed page means untypeset math (a
+delimiter left over, or a ``\\frac`` whose dollars did not parse)."""
 
 
 def check_pdf(pdf: Path, titles: Sequence[str]) -> int:
