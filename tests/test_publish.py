@@ -213,11 +213,15 @@ def test_readme_layout_names_only_modules_that_exist():
     assert not missing, f"README names modules that do not exist: {missing}"
 
 
-def test_png_records_its_smallest_text():
+def test_png_records_its_label_size():
     fig = _figure()
-    fig.axes[0].set_title("tiny", fontsize=5)
-    assert plots.smallest_text_px(fig) == pytest.approx(5 * plots.DPI / 72)
-    assert plots.read_text_px(plots.png_bytes(fig, "x")) == pytest.approx(5 * plots.DPI / 72, abs=0.05)
+    default = plots.label_text_px(fig)
+    sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    assert len(sizes) > 10 and default == pytest.approx(float(np.median(sizes)) * plots.DPI / 72)  # ticks counted
+    for ax in fig.axes:
+        ax.tick_params(labelsize=4)
+    small = plots.label_text_px(fig)
+    assert small < 10 and plots.read_text_px(plots.png_bytes(fig, "x")) == pytest.approx(small, abs=0.05)
     plt.close("all")
 
 

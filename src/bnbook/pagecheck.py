@@ -3,7 +3,7 @@
 ``python -m bnbook.pagecheck [HTML_DIR] [--out DIR]`` (``make screenshots``) writes, for every
 page, a 400-px-wide screenshot in light and in dark mode, and prints the layout problems
 :func:`layout_report` finds (display equations whose number overlaps the formula, figures
-shrunk so far that their smallest text falls under 7.5 px, pages wider than the window).
+shrunk so far that their labels fall under 7.5 px, pages wider than the window).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ CHROMIUM_FLAGS = (
 """Headless Chromium that touches nothing outside the page (no updates, sync or prefetching)."""
 
 MIN_TEXT_PX = 7.5
-"""Smallest readable figure text on a page, in CSS px: the figure's smallest font (recorded in its
-PNG by :func:`bnbook.plots.png_bytes`) times the figure's display scale. Body text is 16 px."""
+"""Smallest readable size of a figure's labels on a page, in CSS px: the figure's typical font size
+(recorded in its PNG by :func:`bnbook.plots.png_bytes`) times its display scale. Body text is 16 px."""
 
 DEFAULT_TEXT_PX = 21.0
-"""Assumed smallest text of a PNG that does not record it: 10 pt at 150 dpi."""
+"""Assumed label size of a PNG that does not record it: 10 pt at 150 dpi."""
 
 _PROBE = """
 <script>
@@ -107,7 +107,7 @@ def layout_report(page: Path, *, width: int = 768, height: int = 1200, budget_ms
     Returns ``{"width", "scrollWidth", "math": [{id, typeset, overlap, scrolls}], "images":
     [{src, alt, width, scale, text_px}], "errors": [MathJax errors]}``: ``overlap`` means an
     equation number covers its formula, ``scale`` is the figure's displayed/natural width and
-    ``text_px`` the displayed size of its smallest text.
+    ``text_px`` the displayed size of its labels.
     """
     source = page.read_text()
     probe = page.with_name(f".probe-{page.name}")  # beside the page, so relative links resolve
@@ -125,7 +125,7 @@ def layout_report(page: Path, *, width: int = 768, height: int = 1200, budget_ms
     from bnbook.plots import read_text_px
 
     report = json.loads(html.unescape(match.group(1)))
-    for img in report["images"]:  # how large the figure's smallest text appears
+    for img in report["images"]:  # how large the figure's labels appear
         src = (img["src"] or "").split("?")[0]
         path = (page.parent / src).resolve()
         text_px = read_text_px(path) if src.endswith(".png") and path.exists() else None
@@ -148,7 +148,7 @@ def layout_problems(report: dict[str, Any], *, min_text_px: float = MIN_TEXT_PX)
     for img in report["images"]:
         if img.get("text_px") is not None and img["text_px"] < min_text_px:
             problems.append(f"figure {img['src']} is shown at {img['scale']:.2f} of its size: "
-                            f"its smallest text is {img['text_px']:.1f} px")
+                            f"its labels are {img['text_px']:.1f} px")
     return problems
 
 

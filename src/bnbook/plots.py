@@ -214,24 +214,28 @@ def describe(fig: Figure) -> str:
     return " ".join(parts)
 
 
-TEXT_KEY = "Smallest text px"
-"""PNG text field with the height in pixels of the smallest text in the figure (its font size at
-:data:`DPI`), from which :mod:`bnbook.pagecheck` tells how large the labels appear on a page."""
+TEXT_KEY = "Label text px"
+"""PNG text field with the typical height in pixels of the figure's text (the median font size of
+its labels, ticks and legends at :data:`DPI`), from which :mod:`bnbook.pagecheck` tells how large
+the labels appear on a page."""
 
 
-def smallest_text_px(fig: Figure) -> float | None:
-    """Font size in PNG pixels (at :data:`DPI`) of the smallest visible text of ``fig``."""
+def label_text_px(fig: Figure) -> float | None:
+    """Median font size, in PNG pixels at :data:`DPI`, of the visible texts of ``fig`` (mostly tick labels)."""
+    import statistics
+
     from matplotlib.text import Text
 
+    fig.draw_without_rendering()  # tick labels get their text only when the figure is drawn
     sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
-    return min(sizes) * DPI / 72 if sizes else None
+    return statistics.median(sizes) * DPI / 72 if sizes else None
 
 
 def png_bytes(fig: Figure, description: str) -> bytes:
     """``fig`` as PNG bytes (150 dpi, tight box) with ``description`` in the PNG's alt-text field
-    and its smallest text size in :data:`TEXT_KEY`."""
+    and its typical text size in :data:`TEXT_KEY`."""
     metadata = {ALT_KEY: description}
-    px = smallest_text_px(fig)
+    px = label_text_px(fig)
     if px is not None:
         metadata[TEXT_KEY] = f"{px:.1f}"
     buf = io.BytesIO()
@@ -240,7 +244,7 @@ def png_bytes(fig: Figure, description: str) -> bytes:
 
 
 def read_text_px(png: bytes | Path) -> float | None:
-    """The smallest text size stored in a PNG by :func:`png_bytes`, or ``None``."""
+    """The typical text size stored in a PNG by :func:`png_bytes`, or ``None``."""
     from PIL import Image
 
     source = io.BytesIO(png) if isinstance(png, bytes) else png
