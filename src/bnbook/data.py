@@ -161,13 +161,17 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def standardize(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
-    """Scale uint8 images to [0, 1], then standardise both splits with the train mean/std per channel."""
-    x_train = x_train.float() / 255.0
-    x_test = x_test.float() / 255.0
+    """Scale uint8 images to [0, 1], then standardise both splits with the train mean/std per channel.
+
+    The statistics and the arithmetic are float64, rounded to float32 once at the end, so the
+    data do not depend on how many threads summed them (two processes load identical tensors).
+    """
+    x_train = x_train.double() / 255.0
+    x_test = x_test.double() / 255.0
     dims = [0, 2, 3]
     mean = x_train.mean(dim=dims, keepdim=True)
     std = x_train.std(dim=dims, keepdim=True)
-    return (x_train - mean) / std, (x_test - mean) / std
+    return ((x_train - mean) / std).float(), ((x_test - mean) / std).float()
 
 
 # ---------------------------------------------------------------- offline datasets
