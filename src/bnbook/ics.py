@@ -53,8 +53,10 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 QUANTILES: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5, 0.7, 0.85, 0.95)
 """Default quantiles of a layer's values for the distribution bands (the median in the middle)."""
 
-MAX_QUANTILE_VALUES = 1 << 22
-"""``torch.quantile`` sorts its input; beyond this many values an evenly strided subset is used."""
+MAX_QUANTILE_VALUES = 1 << 16
+"""``torch.quantile`` sorts its input; beyond this many values a fixed random subset of this size is used
+(its quantiles are within about 0.01 in probability of the full set's; drawn from a fixed seed, not the
+global generator, so training is unaffected and every call picks the same positions)."""
 
 
 # ---------------------------------------------------------------- layers
@@ -296,7 +298,9 @@ def value_quantiles(f: Tensor, q: Sequence[float] = QUANTILES) -> Tensor:
     """The ``q`` quantiles (fractions in [0, 1]) of all values of ``f`` pooled: (len(q),)."""
     v = f.detach().flatten().float()
     if v.numel() > MAX_QUANTILE_VALUES:
-        v = v[:: math.ceil(v.numel() / MAX_QUANTILE_VALUES)]
+        # a random subset, not a strided one: a stride can line up with the image rows and pick the border
+        gen = torch.Generator().manual_seed(0)
+        v = v[torch.randint(v.numel(), (MAX_QUANTILE_VALUES,), generator=gen).to(v.device)]
     return torch.quantile(v, torch.tensor(list(q), device=v.device, dtype=v.dtype))
 
 
@@ -309,7 +313,8 @@ def activation_stats(
     the model's current mode — in training mode with the batch's own statistics, the
     distribution the next layer sees while it trains. Returns, for each layer l:
     ``q{l}`` (len(q),) quantiles of all its values; ``mean{l}``, ``var{l}`` (C,) per channel.
-    Nothing in the model changes (parameters, buffers, RNG state).
+    With ``q`` empty, only the channel moments are computed. Nothing in the model changes
+    (parameters, buffers, RNG state).
     """
     params = {n: p.detach() for n, p in model.named_parameters()}
     with replayable_randomness(x), torch.no_grad():
@@ -320,7 +325,8 @@ def activation_stats(
         if not -n <= layer < n:
             raise BnbookError(f"feature {layer} out of range: the model returns {n} feature maps")
         f = feats[layer]
-        out[f"q{layer}"] = value_quantiles(f, q)
+        if len(q):
+            out[f"q{layer}"] = value_quantiles(f, q)
         out[f"mean{layer}"], out[f"var{layer}"] = channel_stats(f)
     return out
 

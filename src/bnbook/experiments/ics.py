@@ -52,6 +52,7 @@ ICS_RUNS = {("standard", "lr"), ("bn", "lr"), ("standard", "lr_low"), ("bn", "lr
 every run at ``lr`` and ``lr_low``, so both senses of ICS are measured on the same runs."""
 
 DLN_VARIANTS = ("standard", "bn")
+DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 
 # ---------------------------------------------------------------- the paper's numbers
 PAPER = {"dataset": "CIFAR-10", "net": "VGG (depth and widths not stated; labels up to #13)", "steps": 15_000,
@@ -92,8 +93,8 @@ class IcsConfig(ChapterConfig):
     lr: float = 0.1  # protocol (Figs. 1, 2, 3)
     lr_high: float = 0.5  # Fig. 1's second learning rate
     lr_low: float = 0.01  # Fig. 3's second learning rate
-    log_every: int = 25  # record accuracies every this many steps
-    stats_every: int = 10  # activation statistics before and after every this-many-th update
+    log_every: int = 50  # record accuracies every this many steps (and at the paper's reference steps, scaled)
+    stats_every: int = 20  # activation statistics before and after every this-many-th update
     ics_every: int = 20  # Definition 2.1 every this many steps (1 + 2 forward/backward passes per model)
     paper_depth: int = 13  # the paper's labels count 13 VGG layers
     dist_layers: tuple[int, ...] = (3, 11)  # Fig. 1's distribution panels (paper labels)
@@ -108,13 +109,13 @@ class IcsConfig(ChapterConfig):
     dln_loss: str = "squared_sum"  # open: ‖W x − A x‖² summed over the 1,000 points (a mean would barely move at lr 1e-6)
     dln_norm: str = "bn"  # open: BN after each of the first 24 layers (not the output layer)
     dln_seeds: int = 3  # initialisations per variant; A and the data are fixed by `seed`
-    dln_every: int = 200  # Definition 2.1 and statistics on the DLN every this many steps
+    dln_every: int = 250  # Definition 2.1 and statistics on the DLN every this many steps
     dln_log_every: int = 100  # record the DLN's losses every this many steps
     threads: int = 1  # CPU threads (0: PyTorch's default); one is faster on a shared 2-core machine
 
     profiles: ClassVar = {
         "smoke": {"train_size": 1_024, "test_size": 256, "steps": 12, "seeds": 2,
-                  "log_every": 4, "stats_every": 4, "ics_every": 4, "dln_steps": 40, "dln_seeds": 2,
+                  "log_every": 4, "stats_every": 4, "ics_every": 6, "dln_steps": 20, "dln_seeds": 2,
                   "dln_every": 10, "dln_log_every": 10},
         "paper": {"dataset": "cifar10", "test_size": 0, "vgg": "vgg16", "width_multiplier": 1.0,
                   "steps": 15_000, "log_every": 250, "stats_every": 50, "ics_every": 250,
@@ -171,6 +172,12 @@ def stat_layers(cfg: IcsConfig) -> list[int]:
     return sorted(set(our_layers(cfg, (*cfg.dist_layers, *cfg.noise_layers, *cfg.ics_layers))))
 
 
+def paper_steps(cfg: IcsConfig) -> tuple[int, ...]:
+    """Our steps at the same fractions of training as the paper's reference steps (Figs. 1 and 2)."""
+    scale = cfg.steps / PAPER["steps"]
+    return tuple(sorted({min(cfg.steps, max(1, round(s * scale))) for s in (*PAPER_FIG2_STEPS, PAPER_EARLY_STEP)}))
+
+
 def run_name(variant: str, lr_field: str) -> str:
     """Array-name prefix of one run, e.g. ``bn_lr_low``."""
     return f"{variant}_{lr_field}"
@@ -181,12 +188,14 @@ def stat_hooks(layers: Sequence[int], every: int, steps: int) -> dict[str, train
     """Activation statistics of the 1-based ``layers`` just before and just after every ``every``-th update.
 
     ``before`` fires at t = 0, every, 2·every, … with the models at W(t) and the batch of
-    update t+1; ``after`` fires right after that update (t+1), on the same batch.
+    update t+1 (quantiles and channel moments); ``after`` fires right after that update (t+1), on
+    the same batch (channel moments only).
     """
-    fn = ics.activation_stats_hook([i - 1 for i in layers])
+    zero_based = [i - 1 for i in layers]
     at = tuple(range(0, steps, every))
-    return {"before": train.StepHook(fn, at=at, when="before"),
-            "after": train.StepHook(fn, at=tuple(t + 1 for t in at), when="after")}
+    return {"before": train.StepHook(ics.activation_stats_hook(zero_based), at=at, when="before"),
+            "after": train.StepHook(ics.activation_stats_hook(zero_based, q=()), at=tuple(t + 1 for t in at),
+                                    when="after")}
 
 
 def ics_hook(layers: Sequence[int], every: int, steps: int) -> train.StepHook:
@@ -238,6 +247,7 @@ def run(cfg: IcsConfig, device: torch.device) -> Outcome:
     metrics["timing_s"] = timing
     metrics["train_images"], metrics["test_images"] = len(ds.y_train), len(ds.y_test)
     metrics["dataset_description"] = ds.description
+    metrics["dataset"] = DATASET_NAMES.get(ds.name, ds.name)
     metrics["widths"] = [w for w in nets.VGG(ds.input_shape[0], ds.num_classes, widths=cfg.vgg,
                                              width_multiplier=cfg.width_multiplier, norm="none").plan if w != "M"]
     return Outcome(metrics=metrics, arrays=arrays, datasets=[ds.name, dln.name])
@@ -249,7 +259,7 @@ def run_vgg(cfg: IcsConfig, ds: data.Dataset, device: torch.device, arrays: dict
     layers = stat_layers(cfg)
     for variant, lr_field in RUNS:
         fit_cfg = train.FitConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=getattr(cfg, lr_field),
-                                  log_every=cfg.log_every)
+                                  log_every=cfg.log_every, log_at=paper_steps(cfg))
         hooks: dict[str, train.StepHook] = {}
         if lr_field != "lr_high":
             hooks.update(stat_hooks(layers, cfg.stats_every, cfg.steps))
@@ -429,7 +439,7 @@ def run_dln(cfg: IcsConfig, ds: data.Dataset, device: torch.device, arrays: dict
             if measure:
                 t0 = time.perf_counter()
                 stack.write_back()
-                after.append(_stack_rows([ics.activation_stats(m, x, layers) for m in models]))
+                after.append(_stack_rows([ics.activation_stats(m, x, layers, q=()) for m in models]))
                 hook_time += time.perf_counter() - t0
         sync(device)
         total = time.perf_counter() - start
@@ -481,6 +491,15 @@ def at_step(steps: np.ndarray, values: np.ndarray, step: float) -> tuple[int, np
     return int(steps[i]), values[i]
 
 
+def seed_mean(values: np.ndarray) -> np.ndarray:
+    """Mean over the seed axis (1) ignoring NaN; all-NaN rows (step 0's training accuracy) stay NaN, silently."""
+    v = np.asarray(values, dtype=float)
+    finite = np.isfinite(v)
+    count = finite.sum(1)
+    total = np.where(finite, v, 0.0).sum(1)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def first_step(steps: np.ndarray, curve: np.ndarray, target: float) -> int | None:
     """The first recorded step where ``curve`` (one value per record) reaches ``target``; ``None``: never."""
     hit = np.nonzero(np.nan_to_num(curve, nan=-np.inf) >= target)[0]
@@ -517,9 +536,10 @@ def summarise(cfg: IcsConfig, a: dict[str, np.ndarray]) -> dict[str, Any]:
     m["target_train_acc"] = target
     for v in ("standard", "bn", "noisy_bn"):
         p = run_name(v, "lr")
-        m[f"steps_to_target_{v}"] = first_step(a[f"{p}_steps"], np.nanmean(a[f"{p}_train_acc"], 1), target) \
+        m[f"steps_to_target_{v}"] = first_step(a[f"{p}_steps"], seed_mean(a[f"{p}_train_acc"]), target) \
             if target is not None else None
     m["shift"] = shift_summary(cfg, a)
+    m["dist"] = distribution_summary(cfg, a)
     m["ics"] = ics_summary(cfg, a)
     m["dln"] = dln_summary(cfg, a)
     return m
@@ -551,6 +571,23 @@ def fig2_rows(cfg: IcsConfig, a: dict[str, np.ndarray]) -> tuple[list[dict[str, 
             paper_row[f"c{j}"], ours_row[f"c{j}"] = acc, _nanmean(values)
         rows += [paper_row, ours_row]
     return rows, ours_steps
+
+
+def distribution_summary(cfg: IcsConfig, a: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Figs. 1c and 2 in numbers: the 5–95 % spread of each layer's values at the first and the last record,
+    and the range its median covers during training (means over seeds), per run at ``lr``."""
+    qs = list(ics.QUANTILES)
+    lo, mid, hi = qs.index(0.05), qs.index(0.5), qs.index(0.95)
+    out: dict[str, Any] = {}
+    for v in ("standard", "bn", "noisy_bn"):
+        p = run_name(v, "lr")
+        out[p] = {}
+        for i in stat_layers(cfg):
+            q = a[f"{p}_q{i}"]  # (T, K, Q)
+            spread = q[..., hi] - q[..., lo]
+            out[p][str(i)] = {"spread_start": _nanmean(spread[0]), "spread_end": _nanmean(spread[-1]),
+                              "median_range": _nanmean(np.nanmax(q[..., mid], 0) - np.nanmin(q[..., mid], 0))}
+    return out
 
 
 def shift_summary(cfg: IcsConfig, a: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -590,8 +627,13 @@ def _ics_medians(a: dict[str, np.ndarray], p: str, layers: Sequence[int]) -> dic
     with np.errstate(all="ignore"):
         rel = l2 / g
     return {str(layer): {"l2": _nanmedian(l2[..., j]), "cos": _nanmedian(cos[..., j]), "rel": _nanmedian(rel[..., j]),
-                         "cos_min": float(np.nanmin(cos[..., j])) if np.isfinite(cos[..., j]).any() else None}
+                         "cos_min": float(np.nanmin(cos[..., j])) if np.isfinite(cos[..., j]).any() else None,
+                         "aligned": float(np.mean(cos[..., j] > ALIGNED))}
             for j, layer in enumerate(layers)}
+
+
+ALIGNED = 0.9
+"""cos(G, G′) above this counts as 'G′ points where G points' (the share of measured steps and seeds is reported)."""
 
 
 def dln_summary(cfg: IcsConfig, a: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -617,6 +659,12 @@ def dln_summary(cfg: IcsConfig, a: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- tables
+def ours_label(m: dict[str, Any], dln: bool = False) -> str:
+    """'ours (dataset, widths, steps)' for a table header (and the DLN's scale with ``dln``)."""
+    text = f"ours ({m['dataset']} 32×32, widths {'-'.join(map(str, m['widths']))}, {m['steps']:,} steps"
+    return text + (f"; DLN 10×10, {m['dln_steps']:,} steps)" if dln else ")")
+
+
 def open_choices(c: dict[str, Any], m: dict[str, Any]) -> list[dict[str, str]]:
     """What the paper leaves open or what the machine forced, and our choice (rows for a table)."""
     widths = "-".join(str(w) for w in m["widths"])
@@ -625,7 +673,8 @@ def open_choices(c: dict[str, Any], m: dict[str, Any]) -> list[dict[str, str]]:
          "global average pooling, one linear read-out, Glorot-uniform init",
          "why": "the paper says only 'VGG-like'; its labels reach #13 (VGG-16); the quick profile narrows the net to fit "
                 "a 2-core CPU; the paper profile uses VGG-16 at full width"},
-        {"what": "data", "ours": m["dataset_description"],
+        {"what": "data", "ours": f"{m['dataset_description']}; {m['train_images']:,} training and "
+                                 f"{m['test_images']:,} test images used",
          "why": "CIFAR-10 needs a download; Fashion-MNIST ships with the machine"},
         {"what": "layer labels", "ours": f"the paper's #k of {c['paper_depth']} ↦ our layer at the same relative depth",
          "why": "our net has a different depth"},
@@ -681,6 +730,73 @@ def dln_rows(cfg: IcsConfig, m: dict[str, Any]) -> list[dict[str, Any]]:
                              "loss_start": d["loss_start"], "loss_end": d["loss_end"], "l2": g["l2"], "rel": g["rel"],
                              "cos": g["cos"]})
     return rows
+
+
+def _agreement(flags: Sequence[bool]) -> str:
+    """'yes' if every case agrees, 'partly' if some do, 'no' if none."""
+    return "yes" if all(flags) else ("partly" if any(flags) else "no")
+
+
+CHANCE_MARGIN = 0.1
+"""A network 'does not train' if its final training accuracy is below chance + this margin."""
+
+
+def findings_rows(cfg: IcsConfig, m: dict[str, Any]) -> list[dict[str, str]]:
+    """The paper's qualitative findings of §2 (B.1, B.2) beside our numbers, with a computed 'same direction?'."""
+    r, ics_m, d = m["runs"], m["ics"], m["dln"]
+    chance = 1 / 10 + CHANCE_MARGIN
+    rows = []
+    std_high, bn_high = r["standard_lr_high"]["train_end"], r["bn_lr_high"]["train_end"]
+    rows.append({"finding": f"Fig. 1: at lr {cfg.lr_high:g} the standard net stays near chance, the BN net trains",
+                 "ours": f"final training accuracy {_fmt(std_high, '.2f')} vs {_fmt(bn_high, '.2f')}",
+                 "agrees": _agreement([_lt(std_high, chance), _lt(chance, bn_high)])})
+    noisy, bn, std, noise = (r[f"{v}_lr"]["train_end"] for v in ("noisy_bn", "bn", "standard", "noise"))
+    layers = [str(i) for i in m["layers_noise"]]
+    x_noisy = [m["shift"]["noisy_bn_lr"][i]["dmean_vs_standard"] for i in layers]
+    rows.append({"finding": "Fig. 2, 8: noisy BN has less stable distributions than the standard net, yet trains "
+                            "nearly as well as BN and better than the standard net",
+                 "ours": f"|Δμ| ×{_range_text(x_noisy, '.3g')} the standard net's; final training accuracy "
+                         f"{_fmt(noisy, '.2f')} (noisy BN), {_fmt(bn, '.2f')} (BN), {_fmt(std, '.2f')} (standard)",
+                 "agrees": _agreement([all(_lt(1, x) for x in x_noisy), _lt(std, noisy)])})
+    # "stops it from training": less than half of the standard net's gain over chance (0.1)
+    halfway = None if std is None else 0.1 + (std - 0.1) / 2
+    rows.append({"finding": "the same noise without BN stops the standard net from training",
+                 "ours": f"final training accuracy {_fmt(noise, '.2f')} (standard net without noise: {_fmt(std, '.2f')})",
+                 "agrees": _agreement([_lt(noise, halfway)])})
+    ratios = [ics_m[f"bn_{lr}"][str(i)]["l2_vs_standard"] for lr in ("lr", "lr_low") for i in m["layers_ics"]]
+    rows.append({"finding": "Fig. 3a: the BN VGG's ‖G − G′‖ is similar to or larger than the standard VGG's",
+                 "ours": f"BN ÷ standard, median over steps: {_range_text(ratios, '.3g')} (2 lrs × 2 layers)",
+                 "agrees": _agreement([_lt(0.8, x) for x in ratios])})
+    cos_pairs = [(ics_m[f"bn_{lr}"][str(i)]["cos"], ics_m[f"standard_{lr}"][str(i)]["cos"])
+                 for lr in ("lr", "lr_low") for i in m["layers_ics"]]
+    rows.append({"finding": "Fig. 3a: BN does not bring cos(G, G′) closer to 1",
+                 "ours": "median cos with BN / without: " + ", ".join(f"{_fmt(b, '.2f')}/{_fmt(s_, '.2f')}"
+                                                                      for b, s_ in cos_pairs),
+                 "agrees": _agreement([_lt(b, s_ + 0.02) for b, s_ in cos_pairs])})
+    dl = [str(i) for i in cfg.dln_layers]
+    std_cos = [d[f"dln_standard_{j}"][i]["cos"] for j in range(len(cfg.dln_lrs)) for i in dl]
+    bn_cos = [d[f"dln_bn_{j}"][i]["cos"] for j in range(len(cfg.dln_lrs)) for i in dl]
+    rows.append({"finding": "Fig. 3b: the standard DLN has almost no ICS (cos(G, G′) ≈ 1)",
+                 "ours": f"median cos {_range_text(std_cos, '.2f')} (2 lrs × 2 layers)",
+                 "agrees": _agreement([_lt(0.9, c) for c in std_cos])})
+    rows.append({"finding": "Fig. 3b: with BN, G and G′ of the DLN are almost uncorrelated",
+                 "ours": f"median cos {_range_text(bn_cos, '.2f')}",
+                 "agrees": _agreement([c is not None and abs(c) < 0.5 for c in bn_cos])})
+    losses = [(d[f"dln_bn_{j}"]["loss_end"], d[f"dln_standard_{j}"]["loss_end"]) for j in range(len(cfg.dln_lrs))]
+    rows.append({"finding": "Fig. 3b: the BN DLN still reaches a lower training loss",
+                 "ours": "final loss per point, BN / standard: " + ", ".join(
+                     f"{_fmt(b, '.3g')}/{_fmt(s_, '.3g')} (lr {lr:g})" for (b, s_), lr in zip(losses, cfg.dln_lrs)),
+                 "agrees": _agreement([_lt(b, s_) for b, s_ in losses])})
+    return rows
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _lt(a: float | None, b: float | None) -> bool:
+    """a < b, False when either is missing (a diverged run)."""
+    return a is not None and b is not None and a < b
 
 
 # ---------------------------------------------------------------- figures
@@ -854,13 +970,50 @@ def noise_shift_prediction(n_mu: float = 0.5, n_sigma: float = 1.25, grid: int =
 
 
 # ---------------------------------------------------------------- numbers for the prose
+def readable(x: float) -> str:
+    """A ratio or magnitude for prose: thousands separators from 100 up, three significant digits below."""
+    return f"{x:,.0f}" if abs(x) >= 100 else format(x, ".3g")
+
+
 def _range_text(values: Sequence[float | None], spec: str) -> str:
-    """'a–b' over the finite values (or the single value), '—' if none."""
+    """'a–b' over the finite values (or the single value), '—' if none; ``spec`` "auto" means :func:`readable`."""
     v = [x for x in values if x is not None and np.isfinite(x)]
     if not v:
         return "—"
     lo, hi = min(v), max(v)
-    return format(lo, spec) if format(lo, spec) == format(hi, spec) else f"{format(lo, spec)}–{format(hi, spec)}"
+    f = readable if spec == "auto" else (lambda x: format(x, spec))
+    a, b = f(lo).replace("-", "−"), f(hi).replace("-", "−")
+    return a if a == b else f"{a} to {b}" if lo < 0 else f"{a}–{b}"
+
+
+def _effect(ratio: float | None) -> str:
+    """How BN changes a measure, from the ratio BN ÷ standard: below 1/2, within a factor 2, above 2."""
+    if ratio is None or not np.isfinite(ratio):
+        return "cannot be compared"
+    return "reduces it" if ratio < 0.5 else ("leaves it about the same" if ratio <= 2 else "increases it")
+
+
+def verdicts(c: dict[str, Any], m: dict[str, Any]) -> dict[str, str]:
+    """One clause per sense of ICS and learning rate: what BN does to it on these runs (median over Fig. 3's layers).
+
+    ``c`` is the result's config (a dict); Ioffe's sense is the channel-mean change, Santurkar's ‖G − G′‖.
+    """
+    out = {}
+    for sense in ("ioffe", "santurkar"):
+        parts = []
+        for lr_field in ("lr", "lr_low"):
+            ratios = []
+            for i in m["layers_ics"]:
+                if sense == "ioffe":
+                    b, s_ = m["shift"][f"bn_{lr_field}"][str(i)]["dmean"], m["shift"][f"standard_{lr_field}"][str(i)]["dmean"]
+                    ratios.append(b / s_ if b is not None and s_ else None)
+                else:
+                    ratios.append(m["ics"][f"bn_{lr_field}"][str(i)]["l2_vs_standard"])
+            finite = [x for x in ratios if x is not None and np.isfinite(x)]
+            mid = float(np.median(finite)) if finite else None
+            parts.append(f"at lr {c[lr_field]:g} BN {_effect(mid)} (BN ÷ standard: {_range_text(ratios, 'auto')})")
+        out[sense] = "; ".join(parts)
+    return out
 
 
 def prose_values(res: Result) -> dict[str, tuple[Any, str]]:
@@ -880,7 +1033,9 @@ def prose_values(res: Result) -> dict[str, tuple[Any, str]]:
         "early_step": (m["early_step"], ","), "paper_early_step": (PAPER_EARLY_STEP, ","),
         "runtime": (res.record["runtime_s"], ".0f"),
         "machine": (f"{env['device']} ({env['device_name']}, {env['cpu_count']} cores, "
-                    f"{c['threads'] or env['torch_threads']} thread(s))", ""),
+                    + ("1 training thread)" if (c['threads'] or env['torch_threads']) == 1
+                       else f"{c['threads'] or env['torch_threads']} training threads)"), ""),
+        "width_mult": (c["width_multiplier"], "g"),
     }
     for p, name in (("standard_lr", "std"), ("bn_lr", "bn"), ("noisy_bn_lr", "noisy"), ("noise_lr", "noise"),
                     ("standard_lr_high", "std_high"), ("bn_lr_high", "bn_high"), ("standard_lr_low", "std_low"),
@@ -892,13 +1047,14 @@ def prose_values(res: Result) -> dict[str, tuple[Any, str]]:
         v[f"div_{name}"] = (r[p]["diverged"], "d")
     v["target"] = (m["target_train_acc"], ".3f")
     for name in ("standard", "bn", "noisy_bn"):
-        v[f"to_target_{name}"] = (m[f"steps_to_target_{name}"], ",")
+        step = m[f"steps_to_target_{name}"]
+        v[f"to_target_{name}"] = (f"at step {step:,}" if step is not None else f"not within {c['steps']:,} steps", "")
     # Fig. 8: noisy BN's and BN's shift relative to the standard net's, over the three layers
     sh = m["shift"]
     noise_layers = [str(i) for i in m["layers_noise"]]
     for name, p in (("noisy", "noisy_bn_lr"), ("bn", "bn_lr"), ("noise", "noise_lr")):
         for key in ("dmean", "dvar"):
-            v[f"{name}_{key}_x"] = (_range_text([sh[p][i][f"{key}_vs_standard"] for i in noise_layers], ".2g"), "")
+            v[f"{name}_{key}_x"] = (_range_text([sh[p][i][f"{key}_vs_standard"] for i in noise_layers], "auto"), "")
             v[f"{name}_{key}"] = (_range_text([sh[p][i][key] for i in noise_layers], ".3f"), "")
     for key in ("dmean", "dvar"):
         v[f"std_{key}"] = (_range_text([sh["standard_lr"][i][key] for i in noise_layers], ".2g"), "")
@@ -916,6 +1072,8 @@ def prose_values(res: Result) -> dict[str, tuple[Any, str]]:
             v[f"cos_bn{tag}_{ab}"] = (g_bn["cos"], ".2f")
             v[f"rel_std{tag}_{ab}"] = (g_std["rel"], ".2g")
             v[f"rel_bn{tag}_{ab}"] = (g_bn["rel"], ".2g")
+    for sense, text in verdicts(c, m).items():
+        v[f"verdict_{sense}"] = (text, "")
     v["layer_a"], v["layer_b"] = (la, "d"), (lb, "d")
     v["paper_a"], v["paper_b"] = (c["ics_layers"][0], "d"), (c["ics_layers"][1], "d")
     # the DLN
@@ -929,6 +1087,19 @@ def prose_values(res: Result) -> dict[str, tuple[Any, str]]:
             v[f"dln_{name}_cos_{tag}"] = (_range_text([d[p][i]["cos"] for i in dl], ".2f"), "")
             v[f"dln_{name}_rel_{tag}"] = (_range_text([d[p][i]["rel"] for i in dl], ".2g"), "")
         v[f"dln_{name}_ratio0"] = (_range_text([d[f"dln_{name}_0"][i]["l2_ratio_step0"] for i in dl], ".3g"), "")
+    for name, p in (("std", "standard_lr"), ("bn", "bn_lr"), ("noisy", "noisy_bn_lr")):
+        for layer, ab in zip(m["layers_dist"], "ab"):
+            dd = m["dist"][p][str(layer)]
+            v[f"spread0_{name}_{ab}"] = (dd["spread_start"], ".2f")
+            v[f"spread1_{name}_{ab}"] = (dd["spread_end"], ".2f")
+            v[f"medrange_{name}_{ab}"] = (dd["median_range"], ".2f")
+    v["dist_a"], v["dist_b"] = (m["layers_dist"][0], "d"), (m["layers_dist"][1], "d")
+    v["paper_dist_a"], v["paper_dist_b"] = (c["dist_layers"][0], "d"), (c["dist_layers"][1], "d")
+    for name in DLN_VARIANTS:
+        for j, tag in ((0, "hi"), (1, "lo")):
+            p = f"dln_{name}_{j}"
+            v[f"dln_{name}_aligned_{tag}"] = (100 * float(np.mean([d[p][i]["aligned"] for i in dl])), ".0f")
+    v["aligned"] = (ALIGNED, "g")
     # cost of Definition 2.1
     t = m["timing_s"]
     measured = len(range(0, c["steps"], c["ics_every"]))
