@@ -939,6 +939,8 @@ def make_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--gpus-per-job", type=int, default=1, help="GPUs per Slurm job (default 1)")
     p_sweep.add_argument("--timeout-min", type=int, default=60, help="wall-clock limit of each job (default 60)")
     p_sweep.add_argument("--max-parallel", type=int, default=None, help="at most this many jobs at once")
+    p_sweep.add_argument("--assume-tflops", type=float, default=10.0,
+                         help="sustained TFLOP/s per GPU for --dry-run's GPU-hour estimate (default 10)")
     return parser
 
 
@@ -1007,7 +1009,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sweep.command(
                 chapter.source, profile=args.profile, params=params, executor=args.executor,
                 dry_run=args.dry_run, partition=args.slurm_partition, gpus_per_job=args.gpus_per_job,
-                timeout_min=args.timeout_min, max_parallel=args.max_parallel,
+                timeout_min=args.timeout_min, max_parallel=args.max_parallel, tflops=args.assume_tflops,
             )
     except BnbookError as exc:
         print(f"bnbook: error: {exc}", file=sys.stderr)

@@ -116,20 +116,26 @@ def _config_hash(config: Mapping[str, Any]) -> str:
     return stable_hash(cfg)
 
 
-def plan(units: Sequence[Unit]) -> list[dict[str, Any]]:
-    """One row per unit: label, key, whether it is cached, and its measured runtime where a run of the same
-    config was recorded (any code version; ``None`` if never measured)."""
+def plan(units: Sequence[Unit], flops: Callable[[ChapterConfig], float] | None = None) -> list[dict[str, Any]]:
+    """One row per unit: label, key, whether it is cached, its measured runtime where a run of the same
+    config was recorded (any code version; ``None`` if never measured), and its training FLOPs where the
+    chapter can count them (``flops(unit_config)``; ``None`` otherwise)."""
     seen: dict[str, dict[str, float]] = {}
+    counted: dict[str, float] = {}
     rows = []
     for u in units:
         times = seen.setdefault(u.chapter, measured_seconds(u.chapter))
         cfg = results.to_jsonable(u.config.to_dict())
+        shape = _config_hash({k: v for k, v in cfg.items() if k != "seed"})
+        if flops is not None and shape not in counted:
+            counted[shape] = float(flops(u.config))
         rows.append({
             "label": u.label or u.key(),
             "chapter": u.chapter,
             "key": u.key(),
             "cached": u.cached() is not None,
             "seconds": times.get(_config_hash(cfg)),
+            "flops": counted.get(shape),
         })
     return rows
 
@@ -231,14 +237,19 @@ def _last_line(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------ the `bnbook sweep` command
-def format_plan(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The lines ``bnbook sweep --dry-run`` prints: each unit, cached or to run, and the estimated cost."""
-    lines = [f"{'unit':44} {'state':8} {'measured':>10}"]
+def format_plan(rows: Sequence[Mapping[str, Any]], tflops: float = 10.0) -> list[str]:
+    """The lines ``bnbook sweep --dry-run`` prints: each unit, cached or to run, its measured time, its counted
+    training PFLOP and the GPU-hours those take at a sustained ``tflops`` TFLOP/s (an assumption, stated)."""
+    lines = [f"{'unit':44} {'state':8} {'measured':>10} {'PFLOP':>9} {'GPU-h':>7}"]
     todo_known = todo_unknown = 0
     todo_seconds = 0.0
+    todo_flops = [r["flops"] for r in rows if not r["cached"] and r.get("flops") is not None]
     for r in rows:
         measured = "—" if r["seconds"] is None else f"{r['seconds']:.0f} s"
-        lines.append(f"{r['label'][:44]:44} {'cached' if r['cached'] else 'to run':8} {measured:>10}")
+        fl = r.get("flops")
+        pflop = "—" if fl is None else f"{fl / 1e15:.3g}"
+        hours = "—" if fl is None else f"{fl / (tflops * 1e12) / 3600:.3g}"
+        lines.append(f"{r['label'][:44]:44} {'cached' if r['cached'] else 'to run':8} {measured:>10} {pflop:>9} {hours:>7}")
         if not r["cached"]:
             if r["seconds"] is None:
                 todo_unknown += 1
@@ -249,17 +260,23 @@ def format_plan(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     lines.append(f"{len(rows)} units: {cached} cached, {len(rows) - cached} to run; "
                  f"measured cost of {todo_known} of them: {todo_seconds / 3600:.2f} h"
                  + (f" ({todo_unknown} never measured)" if todo_unknown else ""))
+    if todo_flops:
+        total = sum(todo_flops)
+        lines.append(f"counted training arithmetic of {len(todo_flops)} units to run: {total / 1e15:.3g} PFLOP = "
+                     f"{total / (tflops * 1e12) / 3600:.3g} GPU-hours at an assumed sustained {tflops:g} TFLOP/s "
+                     "(an estimate, not a measurement)")
     return lines
 
 
 def command(source: Path, *, profile: str, params: Mapping[str, Any], executor: str = "local",
             dry_run: bool = False, log_dir: Path | None = None, partition: str | None = None,
             gpus_per_job: int = 0, timeout_min: int = 60, max_parallel: int | None = None,
-            echo: Callable[[str], None] = print) -> int:
+            tflops: float = 10.0, echo: Callable[[str], None] = print) -> int:
     """``bnbook sweep``: plan (``dry_run``) or dispatch the chapter's grid; returns the exit status (1 if a job failed)."""
     units = chapter_units(source, profile, params)
     if dry_run:
-        for line in format_plan(plan(units)):
+        flops = getattr(experiment_module(source), "unit_flops", None)
+        for line in format_plan(plan(units, flops), tflops):
             echo(line)
         return 0
     folder = log_dir or results_dir() / "_sweeps" / source.stem

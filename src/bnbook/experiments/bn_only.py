@@ -186,6 +186,24 @@ def units(cfg: BnOnlyConfig) -> list[Unit]:
     return [Unit(UNITS_CHAPTER, u, compute_unit, u.label, group_key(u)) for u in unit_configs(cfg)]
 
 
+IMAGE_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "mnist5k": (1, 28, 28)}
+"""Image shape of each dataset a unit may train on (before pooling), for :func:`unit_flops`."""
+
+
+def unit_flops(unit: UnitConfig) -> float:
+    """Floating-point operations of training one unit (one model): the convolutions and the linear layer
+    counted for one image (forward, input and weight gradients: :func:`bnbook.bench.conv_flops_per_step`),
+    times the batch size and the number of steps. An estimate for planning a sweep: BN, ReLU and the
+    optimiser are left out, and so are the weight gradients that frozen layers skip."""
+    from bnbook import bench, nets
+
+    c, h, w = IMAGE_SHAPES[unit.dataset]
+    model = nets.ResNet(depth=unit.depth, width=unit.width, in_channels=c, num_classes=10, norm="bn",
+                        norm_positions=unit.norm_positions, seed=0)
+    x = torch.zeros(2, c, h // unit.pool, w // unit.pool)  # two images: BN needs more than one value per channel
+    return bench.conv_flops_per_step(model, x) / 2 * unit.batch_size * unit.steps
+
+
 def compute_grid(cfg: BnOnlyConfig) -> list[results.Result]:
     """Every unit's result (computing the missing ones here), in :func:`unit_configs` order — the same
     units, and so the same cached results, that ``bnbook sweep 08`` dispatches as jobs."""
