@@ -114,6 +114,16 @@ def population_statistics(batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     return torch.stack(means).mean(0), m / (m - 1) * torch.stack(variances).mean(0)
 
 
+def _affine_parameters(module: nn.Module, shape, affine: bool, kw: dict) -> None:
+    """Give ``module`` its affine parameters γ = 1 (``weight``) and β = 0 (``bias``) of ``shape``, or register none."""
+    if affine:
+        module.weight = nn.Parameter(torch.ones(shape, **kw))  # γ
+        module.bias = nn.Parameter(torch.zeros(shape, **kw))  # β
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
 class BatchNorm(nn.Module):
     """BN over dimension 1 of (N, C), (N, C, L) or (N, C, H, W) inputs; a drop-in for
     ``torch.nn.BatchNorm1d/2d`` (same arguments, buffers, ``state_dict`` and numbers)."""
@@ -135,12 +145,7 @@ class BatchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **kw))  # γ
-            self.bias = nn.Parameter(torch.zeros(num_features, **kw))  # β
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _affine_parameters(self, num_features, affine, kw)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **kw))
             self.register_buffer("running_var", torch.ones(num_features, **kw))
@@ -269,12 +274,7 @@ class GroupNorm(nn.Module):
         self.num_channels = num_channels
         self.eps = _check_eps(eps)
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels, **kw))  # γ, per channel
-            self.bias = nn.Parameter(torch.zeros(num_channels, **kw))  # β, per channel
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _affine_parameters(self, num_channels, affine, kw)
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalise each sample's channel groups with their own mean and variance."""
@@ -311,12 +311,7 @@ class LayerNorm(nn.Module):
         self.normalized_shape = shape
         self.eps = _check_eps(eps)
         self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(shape, **kw))
-            self.bias = nn.Parameter(torch.zeros(shape, **kw))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _affine_parameters(self, shape, elementwise_affine, kw)
 
     def forward(self, x: Tensor) -> Tensor:
         """μ, σ² over the trailing ``normalized_shape`` dims of each sample (§3 of Ba et al.)."""
@@ -429,12 +424,7 @@ class BatchRenorm(nn.Module):
         self.rmax_steps = max(int(rmax_steps), self.warmup_steps)
         self.dmax_steps = max(int(dmax_steps), self.warmup_steps)
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **kw))  # γ
-            self.bias = nn.Parameter(torch.zeros(num_features, **kw))  # β
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _affine_parameters(self, num_features, affine, kw)
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))  # μ
         self.register_buffer("running_std", torch.ones(num_features, **kw))  # σ (includes ε)
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
@@ -637,12 +627,7 @@ class LpBatchNorm(nn.Module):
         self.momentum = momentum
         self.centred = centred
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features, **kw))  # γ
-            self.bias = nn.Parameter(torch.zeros(num_features, **kw))  # β
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        _affine_parameters(self, num_features, affine, kw)
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_scale", torch.ones(num_features, **kw))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from bnbook import data, landscape, nets, train
+from bnbook.plots import seed_band
 from bnbook.config import ChapterConfig
 from bnbook.env import num_threads, seed_everything
 from bnbook.errors import BnbookError
@@ -649,14 +650,6 @@ def lp_rows(M: dict[str, Any], arch: str) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ figures
-def _band(ax, x, Y, color, label=None, ls="-", alpha=0.2):
-    """Seed mean as a line, min–max over seeds as a band (Y: (T, K))."""
-    Y = np.asarray(Y, dtype=float)
-    ax.plot(x, np.nanmean(Y, 1), color=color, ls=ls, lw=1.4, label=label)
-    if Y.shape[1] > 1:
-        ax.fill_between(x, np.nanmin(Y, 1), np.nanmax(Y, 1), color=color, alpha=alpha, lw=0)
-
-
 def plot_fig4(A: dict[str, np.ndarray], variants: Sequence[str] = ("none", "bn"), direction: int = 0):
     """Fig. 4 of Santurkar et al.: loss range, gradient-change range and effective β over training (rows: VGG, DLN)."""
     import matplotlib.pyplot as plt
@@ -671,7 +664,7 @@ def plot_fig4(A: dict[str, np.ndarray], variants: Sequence[str] = ("none", "bn")
                 ax = axes[r, j]
                 ax.fill_between(steps, np.nanmean(m[lo], 1), np.nanmean(m[hi], 1), color=c, alpha=0.3, lw=0, label=LABELS[v])
                 ax.plot(steps, np.nanmax(m[hi], 1), color=c, lw=0.6, ls=":")
-            _band(axes[r, 2], steps, m["beta"], c, LABELS[v])
+            seed_band(axes[r, 2], steps, m["beta"], c, LABELS[v])
         axes[r, 0].set_ylabel(f"{LABELS[arch]}\nloss L(w − ηg)")
         axes[r, 1].set_ylabel("‖∇L(w) − ∇L(w − ηg)‖₂")
         axes[r, 2].set_ylabel("effective β")
@@ -730,7 +723,7 @@ def plot_lp_training(A: dict[str, np.ndarray], variants: Sequence[str]):
     for ax, arch in zip(axes, ARCHS):
         for v in variants:
             steps, tl = A[f"{arch}_{v}_steps"], A[f"{arch}_{v}_train_loss"]
-            _band(ax, steps[1:], tl[1:], COLORS[v], LABELS[v])
+            seed_band(ax, steps[1:], tl[1:], COLORS[v], LABELS[v])
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel("training loss (mean since last record)")
@@ -772,7 +765,7 @@ def plot_lp_shift(A: dict[str, np.ndarray], variants: Sequence[str]):
             steps = A[f"{arch}_{v}_steps"]
             for c, stat in enumerate(("mean", "var")):
                 d = np.abs(np.diff(A[f"{arch}_{v}_act{layer}_{stat}"], axis=0)).mean(-1)
-                _band(axes[r, c], steps[1:], d, COLORS[v], LABELS[v])
+                seed_band(axes[r, c], steps[1:], d, COLORS[v], LABELS[v])
         axes[r, 0].set_ylabel(f"{LABELS[arch]}\n|μ(t) − μ(t − Δ)|")
         axes[r, 1].set_ylabel("|σ²(t) − σ²(t − Δ)|")
         for ax in axes[r]:
@@ -793,9 +786,9 @@ def plot_lp_landscape(A: dict[str, np.ndarray], variants: Sequence[str]):
         for v in variants:
             steps = A[f"{arch}_{v}_probe_steps"]
             m = measures(A, arch, v)
-            _band(axes[r, 0], steps, m["loss_max"] - m["loss_min"], COLORS[v], LABELS[v])
-            _band(axes[r, 1], steps, m["change_max"], COLORS[v], LABELS[v])
-            _band(axes[r, 2], steps, m["beta"], COLORS[v], LABELS[v])
+            seed_band(axes[r, 0], steps, m["loss_max"] - m["loss_min"], COLORS[v], LABELS[v])
+            seed_band(axes[r, 1], steps, m["change_max"], COLORS[v], LABELS[v])
+            seed_band(axes[r, 2], steps, m["beta"], COLORS[v], LABELS[v])
         axes[r, 0].set_ylabel(f"{LABELS[arch]}\nloss range width")
         axes[r, 1].set_ylabel("largest gradient change")
         axes[r, 2].set_ylabel("effective β")
@@ -820,7 +813,7 @@ def plot_theorem(A: dict[str, np.ndarray]):
         layers = np.arange(1, scale.shape[2] + 1)
         ax = axes[r, 0]
         for i, ls in ((_early_index(steps), "--"), (len(steps) - 1, "-")):
-            _band(ax, layers, scale[i].T, COLORS["bn"], f"step {int(steps[i])}", ls=ls)
+            seed_band(ax, layers, scale[i].T, COLORS["bn"], f"step {int(steps[i])}", ls=ls)
         ax.axhline(1.0, color="0.35", lw=1)
         ax.set_yscale("log")
         ax.set_ylabel(f"{LABELS[arch]}\nmedian γ²/σ² over channels")
@@ -828,9 +821,9 @@ def plot_theorem(A: dict[str, np.ndarray]):
         ax = axes[r, 1]
         i = len(steps) - 1
         n = min(scale.shape[2], A[q + "layer_grad"].shape[2])
-        _band(ax, layers[:n], A[p + "t41_grad_bn"][i, :, :n].T, COLORS["bn"], "BN net: ‖∇_y L̂‖²")
-        _band(ax, layers[:n], A[p + "t41_grad_z"][i, :, :n].T, COLORS["bn"], "BN net: ‖g‖² (same-z twin)", ls=":")
-        _band(ax, layers[:n], A[q + "layer_grad"][i, :, :n].T, COLORS["none"], "standard net: ‖∇_y L‖²")
+        seed_band(ax, layers[:n], A[p + "t41_grad_bn"][i, :, :n].T, COLORS["bn"], "BN net: ‖∇_y L̂‖²")
+        seed_band(ax, layers[:n], A[p + "t41_grad_z"][i, :, :n].T, COLORS["bn"], "BN net: ‖g‖² (same-z twin)", ls=":")
+        seed_band(ax, layers[:n], A[q + "layer_grad"][i, :, :n].T, COLORS["none"], "standard net: ‖∇_y L‖²")
         ax.set_yscale("log")
         ax.set_ylabel(f"squared gradient norm, step {int(steps[i])}")
         ax.legend(fontsize=7)
