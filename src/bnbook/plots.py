@@ -43,35 +43,53 @@ def save(fig: Figure, result: Result | Path, name: str) -> Path:
     return store_figure(result, f"{name}.png", png_bytes(fig, describe(fig)))
 
 
-def seed_band(ax, x, values, color: str, label: str | None = None, *, band: str = "range",
-              alpha: float = 0.18, **line):
-    """Plot the mean over seeds of ``values`` (points, seeds) as a line with a band, and return the line.
+def seed_band(ax, x, values, color: str, label: str | None = None, *,
+              band: str | tuple[float, float] | None = "range", centre: str | None = "mean",
+              seed_dots: bool = False, alpha: float = 0.18, **line):
+    """Plot the mean (or median) over seeds of ``values`` (points, seeds) with a band; return the line.
 
-    ``band``: ``"range"`` (min to max over seeds: every run lies inside) or ``"sd"`` (± one standard
-    deviation). NaN entries (diverged runs) are ignored; a column of NaN leaves a gap. The one
-    seed-band helper of the book, so every figure draws its seeds the same way.
+    ``values``: one row per point of ``x``; every further axis counts as runs (``(points, splits, seeds)``
+    pools splits and seeds). ``band``: ``"range"`` (min to max over seeds: every run lies inside),
+    ``"sd"`` (± one standard deviation around the mean), a pair of percentiles such as ``(10, 90)``, or
+    ``None`` (no band). ``centre``: ``"mean"``, ``"median"``, or ``None`` for the band alone, which then
+    carries ``label`` and is returned. ``seed_dots``: also draw every seed as a faint dot. ``line`` goes
+    to the centre line (``ls``, ``lw``, ``marker``, ...). NaN entries (diverged runs) are ignored; a
+    point whose runs are all NaN leaves a gap. The one seed-band helper of the book, so every figure
+    draws its seeds the same way.
     """
+    import warnings
+
     import numpy as np
 
     v = np.asarray(values, dtype=float)
-    if v.ndim == 1:
-        v = v[:, None]
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: a gap, not a warning
-            mean = np.nanmean(v, 1)
-            if band == "sd":
-                sd = np.nanstd(v, 1)
-                lo, hi = mean - sd, mean + sd
-            elif band == "range":
-                lo, hi = np.nanmin(v, 1), np.nanmax(v, 1)
-            else:
-                raise ValueError(f"unknown band {band!r}: use 'range' or 'sd'")
-    (handle,) = ax.plot(x, mean, color=color, label=label, **line)
-    if v.shape[1] > 1:
-        ax.fill_between(x, lo, hi, color=color, alpha=alpha, lw=0)
+    v = v.reshape(v.shape[0], int(np.prod(v.shape[1:])))  # (points, runs); a 1-D series is one run
+    if centre is None and band is None:
+        raise ValueError("seed_band with neither centre nor band draws nothing")
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: a gap, not a warning
+        if centre == "mean":
+            mid = np.nanmean(v, 1)
+        elif centre == "median":
+            mid = np.nanmedian(v, 1)
+        elif centre is not None:
+            raise ValueError(f"unknown centre {centre!r}: use 'mean', 'median' or None")
+        if band == "sd":
+            mean, sd = np.nanmean(v, 1), np.nanstd(v, 1)
+            lo, hi = mean - sd, mean + sd
+        elif band == "range":
+            lo, hi = np.nanmin(v, 1), np.nanmax(v, 1)
+        elif isinstance(band, tuple) and len(band) == 2:
+            lo, hi = np.nanpercentile(v, band[0], 1), np.nanpercentile(v, band[1], 1)
+        elif band is not None:
+            raise ValueError(f"unknown band {band!r}: use 'range', 'sd', a pair of percentiles or None")
+    handle = None
+    if centre is not None:
+        (handle,) = ax.plot(x, mid, color=color, label=label, **line)
+    if band is not None and (v.shape[1] > 1 or handle is None):
+        fill = ax.fill_between(x, lo, hi, color=color, alpha=alpha, lw=0, label=label if handle is None else None)
+        handle = fill if handle is None else handle
+    if seed_dots:
+        ax.scatter(np.repeat(np.asarray(x), v.shape[1]), v.ravel(), color=color, alpha=0.35, s=12, lw=0)
     return handle
 
 

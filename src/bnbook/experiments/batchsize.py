@@ -677,14 +677,12 @@ NORM_COLORS = {
 NORM_STYLES = {"ws+bn": "--", "ws+gn": "--", "brn": "-.", "none": ":", "ws": ":"}
 
 
-def _band_plot(ax, x, values, kind, scale=1.0, label=None, **kw) -> None:
-    """Mean over seeds with a min–max band; per-example norms (the same at every N) without markers."""
-    band = _seed_band(values, scale)
-    color = NORM_COLORS.get(kind, "0.3")
-    marker = "o" if kind in BATCH_DEPENDENT else None
-    ax.plot(x, band["mean"], marker=marker, ms=4, color=color, ls=NORM_STYLES.get(kind, "-"),
-            label=label or LABELS.get(kind, kind), **kw)
-    ax.fill_between(x, band["min"], band["max"], color=color, alpha=0.15, lw=0)
+def _norm_style(kind: str, label: str | None = None) -> dict[str, Any]:
+    """Keywords of :func:`bnbook.plots.seed_band` that draw norm ``kind`` the same way on every figure:
+    its colour, line style and label, and markers only where it depends on N (the per-example norms are
+    the same models at every N)."""
+    return {"color": NORM_COLORS.get(kind, "0.3"), "label": label or LABELS.get(kind, kind), "alpha": 0.15,
+            "ls": NORM_STYLES.get(kind, "-"), "marker": "o" if kind in BATCH_DEPENDENT else None, "ms": 4}
 
 
 def _log2_axis(ax, sizes, label: str = "N, examples per BN statistic") -> None:
@@ -697,6 +695,8 @@ def _log2_axis(ax, sizes, label: str = "N, examples per BN statistic") -> None:
 def _error_and_loss(res, acc_key: str, loss_key: str, sizes_key: str, norms_key: str):
     import matplotlib.pyplot as plt
 
+    from bnbook.plots import seed_band
+
     arr, norms_ = res.arrays, res.metrics[norms_key]
     x = arr[sizes_key]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -707,8 +707,8 @@ def _error_and_loss(res, acc_key: str, loss_key: str, sizes_key: str, norms_key:
             off_scale.append(f"{LABELS.get(kind, kind)}: {np.nanmean(err):.1f} % error, loss "
                              f"{np.nanmean(_seed_band(arr[loss_key][i])['mean']):.2f} (at chance, not drawn)")
             continue
-        _band_plot(left, x, 1 - arr[acc_key][i], kind, scale=100)
-        _band_plot(right, x, arr[loss_key][i], kind)
+        seed_band(left, x, 100 * (1 - arr[acc_key][i]), **_norm_style(kind))
+        seed_band(right, x, arr[loss_key][i], **_norm_style(kind))
     if off_scale:
         left.text(0.02, 0.97, "\n".join(off_scale), transform=left.transAxes, va="top", fontsize=7.5, color="0.3")
     left.set_ylabel("held-out error (%)")
@@ -765,13 +765,16 @@ def plot_train_vs_inference(res):
     """Figure: batch-dependent norms' held-out error with running averages (inference) vs batch statistics of N."""
     import matplotlib.pyplot as plt
 
+    from bnbook.plots import seed_band
+
     arr, norms_ = res.arrays, res.metrics["norms"]
     x = arr["stat_batches"]
     kinds = [k for k in norms_ if k in BATCH_DEPENDENT]
     fig, ax = plt.subplots(figsize=(9.5, 3.8))
     for kind in kinds:
         i = norms_.index(kind)
-        _band_plot(ax, x, 1 - arr["acc"][i], kind, scale=100, label=f"{LABELS[kind]}: inference mode (running averages)")
+        inference = f"{LABELS[kind]}: inference mode (running averages)"
+        seed_band(ax, x, 100 * (1 - arr["acc"][i]), **_norm_style(kind, inference))
         band = _seed_band(1 - arr["acc_batch_mode"][i], 100)
         ax.plot(x, band["mean"], marker="s", ms=4, mfc="white", color=NORM_COLORS[kind], ls=":",
                 label=f"{LABELS[kind]}: training mode (statistics of N test images)")

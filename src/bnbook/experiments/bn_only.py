@@ -445,14 +445,6 @@ COLORS = {"all": "#d62728", "bn": "#1f77b4", "bn+output": "#17becf", "output": "
 """One colour per condition, on every figure of the chapter."""
 
 
-def _band(ax, x, values, color, label, marker="o", ls="-"):
-    """Mean over seeds (last axis) as a line, each seed as a faint dot."""
-    mean = np.nanmean(values, axis=-1)
-    ax.plot(x, mean, marker=marker, ls=ls, color=color, label=label)
-    for s in range(values.shape[-1]):
-        ax.scatter(x, values[..., s], color=color, alpha=0.35, s=12, lw=0)
-
-
 def _spread(values: Sequence[int], most: int) -> list[int]:
     """At most ``most`` of ``values``, evenly spread, always with the first and the last."""
     values = list(values)
@@ -467,20 +459,24 @@ def figure_series(res: results.Result) -> Figure:
     parameters, for the depth series and the width series (BN-only and all trained)."""
     import matplotlib.pyplot as plt
 
+    from bnbook.plots import seed_band
+
     a, m = res.arrays, res.metrics
+    dots = {"band": None, "seed_dots": True}  # the mean over seeds as a line, each seed as a faint dot
     conditions = [r["condition"] for r in m["condition_table"][:: len(m["depths"])]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, c in enumerate(conditions):
-        _band(ax1, a["depths"], a["depth_acc"][i], COLORS[c], lib.LABELS[c])
+        seed_band(ax1, a["depths"], a["depth_acc"][i], COLORS[c], lib.LABELS[c], marker="o", **dots)
     ax1.set(xlabel="depth N of ResNet-N", ylabel="test accuracy", xticks=a["depths"],
             title=f"depth series (W = {m['width']})")
     ax1.legend(fontsize=8)
     for i, c in enumerate(conditions):
         if c in ("bn", "all"):
-            _band(ax2, a["depth_trainable"][i], a["depth_acc"][i], COLORS[c], f"{lib.LABELS[c]}: deeper")
+            seed_band(ax2, a["depth_trainable"][i], a["depth_acc"][i], COLORS[c], f"{lib.LABELS[c]}: deeper",
+                      marker="o", **dots)
     for i, c in enumerate(m["width_acc"]):
-        _band(ax2, a["width_trainable"][i], a["width_acc"][i], COLORS[c], f"{lib.LABELS[c]}: wider",
-              marker="s", ls="--")
+        seed_band(ax2, a["width_trainable"][i], a["width_acc"][i], COLORS[c], f"{lib.LABELS[c]}: wider",
+                  marker="s", ls="--", **dots)
     ax2.set(xscale="log", xlabel="trained parameters", ylabel="test accuracy",
             title=f"depth series vs width series (ResNet-{m['width_depth']})")
     ax2.legend(fontsize=8)

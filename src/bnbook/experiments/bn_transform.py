@@ -339,7 +339,7 @@ def plot_running_stats(res) -> "matplotlib.figure.Figure":
     """Relative error of the variance estimates vs batches seen, and the 1/m bias vs m."""
     import matplotlib.pyplot as plt
 
-    from bnbook.plots import PALETTE
+    from bnbook.plots import PALETTE, seed_band
 
     a = res.arrays
     m = res.metrics["batch_size"]
@@ -353,19 +353,13 @@ def plot_running_stats(res) -> "matplotlib.figure.Figure":
         "alg2_biased": ("Alg. 2 without m/(m−1)", PALETTE["no_bn"], "--"),
     }
     for key, (label, color, ls) in styles.items():
-        err = a[f"var_err_{key}"]
-        lo, mid, hi = np.percentile(err, [10, 50, 90], axis=0)
-        axes[0].plot(k, mid, color=color, ls=ls, label=label)
-        axes[0].fill_between(k, lo, hi, color=color, alpha=0.15, lw=0)
+        seed_band(axes[0], k, a[f"var_err_{key}"].T, color, label, centre="median", band=(10, 90), alpha=0.15, ls=ls)
     axes[0].axhline(1 / m, color=PALETTE["ref"], lw=1, ls=":", label=f"bias 1/m = {1 / m:.3f}")
     axes[0].set(xscale="log", yscale="log", xlabel="batches seen k", ylabel="mean relative error of Var",
                 title=f"variance estimates (m = {m})")
     axes[0].legend(fontsize=7.5)
     for key, (label, color, ls) in {k: styles[k] for k in ("ema", "cum")}.items():
-        err = a[f"mean_err_{key}"]
-        lo, mid, hi = np.percentile(err, [10, 50, 90], axis=0)
-        axes[1].plot(k, mid, color=color, ls=ls, label=label)
-        axes[1].fill_between(k, lo, hi, color=color, alpha=0.15, lw=0)
+        seed_band(axes[1], k, a[f"mean_err_{key}"].T, color, label, centre="median", band=(10, 90), alpha=0.15, ls=ls)
     axes[1].set(xscale="log", yscale="log", xlabel="batches seen k", ylabel="mean |error| / std",
                 title="mean estimates")
     axes[1].legend(fontsize=7.5)

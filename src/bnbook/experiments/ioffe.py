@@ -410,22 +410,17 @@ def comparison_rows(steps: np.ndarray, fits: dict[str, train.FitResult]) -> list
 
 
 # ---------------------------------------------------------------- figures
-def _band(ax, x, y, color, label) -> None:
-    mean, lo, hi = np.nanmean(y, 1), np.nanmin(y, 1), np.nanmax(y, 1)
-    ax.plot(x, mean, color=color, label=label, lw=1.6)
-    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
-
-
 def figure_accuracy(res: Result):
     """Fig. 1(a): test accuracy vs step, mean and min–max band over seeds, with the paper's points in range."""
     import matplotlib.pyplot as plt
 
-    from bnbook.plots import PALETTE
+    from bnbook.plots import PALETTE, seed_band
 
     a = res.arrays
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for v in VARIANTS:
-        _band(ax, a["steps"], a[f"acc_{v}"], PALETTE[v], f"ours, {LABELS[v]} (mean, min–max over seeds)")
+        seed_band(ax, a["steps"], a[f"acc_{v}"], PALETTE[v], f"ours, {LABELS[v]} (mean, min–max over seeds)",
+                  alpha=0.2, lw=1.6)
         ref = {s: acc for s, acc in REFERENCE_ACC[v].items() if s <= a["steps"][-1] * 1.001}
         ax.plot(list(ref), list(ref.values()), ls="none", marker="o" if v == "bn" else "s", mfc="none",
                 color=PALETTE[v], label=f"paper's Fig. 1(a), {LABELS[v]} (full MNIST)")
@@ -444,7 +439,7 @@ def figure_percentiles(res: Result):
     """
     import matplotlib.pyplot as plt
 
-    from bnbook.plots import PALETTE
+    from bnbook.plots import PALETTE, seed_band
 
     a = res.arrays
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.2), sharey=True)
@@ -453,8 +448,7 @@ def figure_percentiles(res: Result):
         for j, (q, ls) in enumerate(zip(QUANTILES, (":", "-", "--"))):
             ax.plot(a["steps"], pct[:, 0, j], color=PALETTE[v], ls=ls, lw=1.4 if q == 50 else 1.0,
                     label=f"{q}th percentile")
-        ax.fill_between(a["steps"], np.nanmin(pct[:, :, 1], 1), np.nanmax(pct[:, :, 1], 1), color=PALETTE[v],
-                        alpha=0.15, lw=0, label="median, all seeds (min–max)")
+        seed_band(ax, a["steps"], pct[:, :, 1], PALETTE[v], "median, all seeds (min–max)", centre=None, alpha=0.15)
         ax.axhline(0, color=PALETTE["ref"], lw=0.6)
         ax.set_title(f"({panel}) {LABELS[v]}")
         ax.set_xlabel("training step")
@@ -515,7 +509,7 @@ def figure_sweeps(res: Result):
     without BN: mean over seeds with the min–max band."""
     import matplotlib.pyplot as plt
 
-    from bnbook.plots import PALETTE
+    from bnbook.plots import PALETTE, seed_band
 
     a = res.arrays
     steps = res.metrics["sweep_steps"]
@@ -523,7 +517,7 @@ def figure_sweeps(res: Result):
     for ax, name, label in zip(axes, ("lr", "init"), ("learning rate", "initial weight std")):
         x, acc = a[f"sweep_{name}_values"], a[f"sweep_{name}_acc"]
         for j, v in enumerate(VARIANTS):
-            _band(ax, x, acc[:, j], PALETTE[v], LABELS[v])
+            seed_band(ax, x, acc[:, j], PALETTE[v], LABELS[v], alpha=0.2, lw=1.6)
         ax.axhline(0.1, color=PALETTE["ref"], lw=0.8, ls=":", label="chance")
         ax.set_xscale("log")
         ax.set_xticks(x, [f"{v:g}" for v in x])

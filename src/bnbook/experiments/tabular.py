@@ -501,22 +501,20 @@ def figure_features(res: Result):
     return fig
 
 
-def _band(ax, steps, y, color, ls, label) -> None:
-    runs = y.transpose(1, 0, 2).reshape(len(steps), -1)  # (L, R·K)
-    ax.plot(steps, np.nanmean(runs, 1), color=color, ls=ls, lw=1.5, label=label)
-    lo, hi = np.nanpercentile(runs, 10, axis=1), np.nanpercentile(runs, 90, axis=1)
-    ax.fill_between(steps, lo, hi, color=color, alpha=0.15, lw=0)
-
-
 def figure_curves(res: Result):
     """Test accuracy and training loss against the step for the four variants (mean, 10th–90th percentile of runs)."""
     import matplotlib.pyplot as plt
 
+    from bnbook.plots import seed_band
+
     a = res.arrays
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6))
     for v in VARIANTS:
-        _band(axes[0], a["steps"], a[f"acc_{v}"], COLORS[v], STYLES[v], LABELS[v])
-        _band(axes[1], a["steps"][1:], a[f"train_loss_{v}"][:, 1:], COLORS[v], STYLES[v], LABELS[v])
+        style = {"band": (10, 90), "alpha": 0.15, "ls": STYLES[v], "lw": 1.5}
+        # (R, L, K) → (L, R, K): every split and seed is one run of the band
+        seed_band(axes[0], a["steps"], np.moveaxis(a[f"acc_{v}"], 1, 0), COLORS[v], LABELS[v], **style)
+        seed_band(axes[1], a["steps"][1:], np.moveaxis(a[f"train_loss_{v}"][:, 1:], 1, 0), COLORS[v], LABELS[v],
+                  **style)
     axes[0].axhline(float(np.mean(a["majority"])), color="0.4", lw=0.8, ls=":", label="always the largest class")
     axes[0].set_ylabel("test accuracy")
     axes[0].set_title("(a) test accuracy")
