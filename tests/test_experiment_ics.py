@@ -74,27 +74,3 @@ def test_first_step_and_at_step():
     assert ch.first_step(steps, np.array([np.nan, 0.2, 0.6, 0.9]), 0.5) == 20
     assert ch.first_step(steps, np.array([np.nan, 0.2, 0.3, 0.4]), 0.5) is None
     assert ch.at_step(steps, np.arange(4), 2)[0] == 10  # never step 0
-
-
-@pytest.mark.parametrize("norm", [None, "bn"])
-def test_dln_stack_trains_like_the_engine(norm):
-    """Full-batch GD of the stacked DLNs (two learning rates in one stack) = the engine, one fit per learning rate."""
-    from bnbook import data, train
-
-    torch.manual_seed(0)
-    x, y = torch.randn(50, 4), torch.randn(50, 4)
-    ds = data.Dataset("toy", x, y, x, y, (), "toy regression")
-    lrs = (1e-3, 3e-3)
-    stack = ch.DeepLinearStack([nets.DeepLinear(4, 5, norm=norm, seed=s) for s in (0, 1)], lrs)
-    mom = ch.DeepLinearStack.moments(x, y)
-    direct = (stack.forward(x) - y.double()).square().sum((1, 2))
-    torch.testing.assert_close(stack.losses(mom), direct, rtol=1e-10, atol=1e-10)  # the moments say it all
-    for _ in range(20):
-        stack.step(mom)
-    stack.write_back()
-    for s, lr, model in zip((0, 1), lrs, stack.models):
-        ref = nets.DeepLinear(4, 5, norm=norm, seed=s)
-        train.fit([ref], ds, train.FitConfig(steps=20, batch_size=50, lr=lr, loss="squared_sum", log_every=20))
-        for w, w_ref in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(w, w_ref, atol=1e-5, rtol=1e-4)
-        assert not torch.equal(model.weights()[0], nets.DeepLinear(4, 5, norm=norm, seed=s).weights()[0])

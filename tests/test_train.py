@@ -219,6 +219,98 @@ def test_hand_written_backward_equals_autograd(norm, activation):
         torch.testing.assert_close(manual.stacked_buffers[name], a, msg=name)  # running averages updated alike
 
 
+def test_stacked_mlp_under_bf16_autocast_and_its_hand_written_bf16_pass():
+    """The stacked MLP trains under CPU autocast (its BN statistics and running averages stay fp32), and
+    the hand-written pass with bf16 products gives autograd-under-autocast's loss and gradients."""
+
+    def stack():
+        return batching.StackedMLP([nets.MLP(40, (16, 16), 5, "sigmoid", norm="bn", seed=s) for s in range(3)])
+
+    auto, manual, exact = stack(), stack(), stack()
+    x = torch.randn(3, 12, 40, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 5, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = auto(x)
+    assert logits.dtype == torch.bfloat16
+    loss_auto = train.per_model_loss(logits.float(), y)
+    loss_auto.sum().backward()
+    loss_manual, _ = manual.loss_and_grad(x, y, low=torch.bfloat16)
+    loss_exact, _ = exact.loss_and_grad(x, y)
+    torch.testing.assert_close(loss_manual, loss_auto.detach(), rtol=2e-3, atol=2e-3)
+    assert not torch.equal(loss_manual, loss_exact)  # the products really ran in bf16
+    torch.testing.assert_close(loss_manual, loss_exact, rtol=2e-2, atol=2e-2)
+    for (name, p), (_, q) in zip(auto.named_trainable(), manual.named_trainable()):
+        assert q.grad.dtype == torch.float32
+        torch.testing.assert_close(q.grad, p.grad, rtol=3e-2, atol=3e-3, msg=name)
+    for name, a in auto.stacked_buffers.items():
+        assert a.dtype == manual.stacked_buffers[name].dtype
+        torch.testing.assert_close(manual.stacked_buffers[name], a, rtol=1e-2, atol=1e-3, msg=name)
+
+
+def test_fit_trains_stacked_mlps_in_bf16(mnist):
+    runs = {}
+    for amp in (None, "bf16"):
+        models = [nets.MLP(784, norm="bn", seed=s) for s in (0, 1)]
+        runs[amp] = train.fit(models, mnist, train.FitConfig(steps=60, log_every=30, amp=amp))
+        assert runs[amp].stacked
+        assert all(b.dtype == torch.float32 for m in models for b in m.buffers() if b.is_floating_point())
+    assert (runs["bf16"].test_acc[-1] > 0.5).all()
+    np.testing.assert_allclose(runs["bf16"].test_acc[-1], runs[None].test_acc[-1], atol=0.05)
+
+
+@pytest.mark.parametrize("norm", ["bn", None])
+def test_deep_linear_batch_moments_give_the_direct_loss_gradients_and_running_averages(norm):
+    """DeepLinearBatch's step from the batch's moments = autograd through the forward pass over the batch (float64)."""
+    def make():
+        return [nets.DeepLinear(4, 6, norm=norm, seed=s).double() for s in (0, 1, 2)]
+
+    moment, direct = batching.batch_models(make()), batching.StackedMLP(make())
+    assert type(moment) is batching.DeepLinearBatch and type(direct) is batching.StackedMLP
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 30, 4, generator=gen, dtype=torch.float64) * 2 + 1
+    y = torch.randn(3, 30, 4, generator=gen, dtype=torch.float64) + x @ torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    for loss in ("squared_sum", "squared_mean"):
+        for b in (moment, direct):
+            for t in b.trainable():
+                t.grad = None
+        losses, correct = moment.loss_and_grad(x, y, loss)
+        assert correct is None
+        reference = train.reduce_batch(loss, train.example_losses(loss)(direct(x), y))
+        reference.sum().backward()
+        torch.testing.assert_close(losses, reference.detach(), rtol=1e-10, atol=1e-10)
+        for (name, p), (_, q) in zip(direct.named_trainable(), moment.named_trainable()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-10, msg=name)
+    for name, a in direct.stacked_buffers.items():
+        torch.testing.assert_close(moment.stacked_buffers[name], a, rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(BnbookError, match="squared error"):
+        moment.loss_and_grad(x, y, "cross_entropy")
+
+
+@pytest.mark.parametrize("norm", ["bn", None])
+def test_fit_trains_deep_linear_nets_from_moments_as_autograd_and_alone(norm):
+    """fit's DLN path (moments) ends where the general path (vmap, a pass over the batch) ends, and
+    models trained together end where each trained alone ends."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 4, dtype=torch.float64)
+    y = x @ torch.randn(4, 4, dtype=torch.float64)
+    ds = data.Dataset("toy", x, y, x, y, (), "toy regression")
+    cfg = train.FitConfig(steps=15, batch_size=20, lr=2e-4, loss="squared_sum", log_every=5)
+    runs = {}
+    for name, stack, seeds in (("moments", True, (0, 1)), ("vmap", False, (0, 1)), ("alone", True, (1,))):
+        models = [nets.DeepLinear(4, 5, norm=norm, seed=s).double() for s in seeds]
+        runs[name] = (train.fit(models, ds, dataclasses.replace(cfg, stack=stack), seeds=seeds), models)
+    assert runs["moments"][0].stacked and not runs["vmap"][0].stacked
+    assert np.isfinite(runs["moments"][0].train_loss[1:]).all()
+    assert (runs["moments"][0].train_loss[-1] < runs["moments"][0].train_loss[1]).all()
+    np.testing.assert_allclose(runs["moments"][0].train_loss, runs["vmap"][0].train_loss, rtol=1e-6)  # recorded in float32
+    np.testing.assert_allclose(runs["moments"][0].test_loss, runs["vmap"][0].test_loss, rtol=1e-6)
+    for a, b in zip(runs["moments"][1], runs["vmap"][1]):
+        for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=n)
+    for (n, p), q in zip(runs["moments"][1][1].state_dict().items(), runs["alone"][1][0].state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=n)
+
+
 def test_manual_and_autograd_paths_of_fit_agree(mnist):
     runs = []
     for manual in (True, False):

@@ -49,6 +49,7 @@ _ACT_FUNCS: dict[str, Callable[[Tensor], Tensor]] = {
     "sigmoid": torch.sigmoid,
     "relu": torch.relu,
     "tanh": torch.tanh,
+    "identity": lambda t: t,  # the deep linear network's (not an MLP choice: see ACTIVATIONS)
 }
 
 # d activation / d input, written in terms of the activation's *output* a
@@ -56,6 +57,7 @@ _ACT_BACKWARD: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "sigmoid": lambda grad, a: torch.ops.aten.sigmoid_backward(grad, a),  # grad · a(1 − a)
     "tanh": lambda grad, a: torch.ops.aten.tanh_backward(grad, a),  # grad · (1 − a²)
     "relu": lambda grad, a: torch.ops.aten.threshold_backward(grad, a, 0),  # grad · [a > 0]
+    "identity": lambda grad, a: grad,
 }
 
 

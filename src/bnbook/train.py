@@ -76,7 +76,7 @@ class FitConfig:
     probe_size: int = 1_000  # examples in the fixed probe batch (the first ones of the test set)
     stack: bool = True  # run same-shape MLPs on the fast stacked path (False: the general vmap path)
     manual_backward: bool = True  # stacked MLPs: hand-written backward pass (False: autograd)
-    amp: str | None = None  # None | "bf16": autocast the forward pass (BN statistics stay fp32)
+    amp: str | None = None  # None | "bf16": matrix products and convolutions in bf16 (autocast; BN statistics stay fp32)
     channels_last: bool = False  # store image batches channels-last (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the forward pass (opt-in; worth it for long GPU runs)
 
@@ -408,7 +408,8 @@ def fit(
 
     batch = batch_models(models, fast=cfg.stack)
     batch.train()
-    manual = cfg.manual_backward and batch.fast_backward and cfg.loss == "cross_entropy" and cfg.amp is None
+    manual = cfg.manual_backward and batch.fast_backward and cfg.loss in batch.manual_losses
+    low = torch.bfloat16 if cfg.amp == "bf16" else None
     opt = make_optimizer(batch.named_trainable(), cfg, param_groups)
     loss_fn = example_losses(cfg.loss)
     classify = cfg.loss == "cross_entropy"
@@ -503,7 +504,7 @@ def fit(
             xb = flip_translate(xb, next(augments))
         run_hooks("before", step - 1, xb, yb, lr)
         if manual:
-            losses, correct = batch.loss_and_grad(xb, yb)  # sets .grad itself
+            losses, correct = batch.loss_and_grad(xb, yb, cfg.loss, low)  # sets .grad itself
         else:
             with autocast:
                 out = forward(xb)

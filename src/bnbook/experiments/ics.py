@@ -274,203 +274,53 @@ def run_vgg(cfg: IcsConfig, ds: data.Dataset, device: torch.device, arrays: dict
         timing[f"{prefix}_hooks"] = res.eval_time_s
 
 
-class DeepLinearStack:
-    """K deep linear networks (:class:`bnbook.nets.DeepLinear`) trained together by full-batch gradient descent.
+def loss_hooks(log_steps: Sequence[int], steps: int) -> dict[str, train.StepHook]:
+    """Each model's training loss (its mode, its own batch) at W(t) for t in ``log_steps``: before the
+    update t+1, and after the last update for t = ``steps``."""
 
-    Why not the engine: a DLN step is 25 products of 10×10 matrices — microseconds of arithmetic —
-    so per-operation overhead dominates, ``vmap`` adds more, and the engine takes one learning
-    rate per call. Two facts make the DLN cheap here:
+    def losses(ctx: train.StepContext) -> Tensor:
+        return torch.stack([train.model_loss(m, ctx.x[k], ctx.y[k], ctx.cfg.loss) for k, m in enumerate(ctx.models)])
 
-    1. **Full-batch training sees the data only through its moments.** Every layer is affine
-       in x, and BN (training mode, batch = all points) normalises with the batch mean and
-       biased variance, which are functions of the mean and covariance of the layer's input.
-       So the network is tracked by a square root of each layer's covariance, its covariance
-       with y and its mean — 10×10 matrices — and the summed loss is
-       N·[tr Σ_out + ‖m_out − m_y‖² − 2 tr Cov(out, y) + tr Σ_y], exactly (in float64).
-       A step costs the same for 1,000 points as for 10.
-    2. **Stacking**: the K models' matrices are (K, depth, d, d), each model has its own
-       learning rate, so all seeds of both learning rates of Fig. 3b train in one pass.
-
-    BN's running averages are not kept (nothing here runs in inference mode). Tests check the
-    moment loss against the direct one and the trained weights against the engine's.
-    """
-
-    def __init__(self, models: Sequence[nets.DeepLinear], lrs: Sequence[float], dtype: torch.dtype = torch.float64):
-        if len(models) != len(lrs) or not models:
-            raise ValueError("DeepLinearStack needs one learning rate per model")
-        self.models = list(models)
-        kinds = {type(n).__name__ for m in models for n in m.norms}
-        if not kinds <= {"Identity"} and kinds != {"BatchNorm"}:
-            raise ValueError(f"DeepLinearStack runs the DLN without norms or with the book's BN only, got {kinds}")
-        self.bn = kinds == {"BatchNorm"}
-        self.w = torch.stack([torch.stack([w.detach() for w in m.weights()]) for m in models]).to(dtype)
-        self.params = [self.w]
-        if self.bn:
-            self.eps = float(models[0].norms[0].eps)
-            self.gamma = torch.stack([torch.stack([n.weight.detach() for n in m.norms]) for m in models]).to(dtype)
-            self.beta = torch.stack([torch.stack([n.bias.detach() for n in m.norms]) for m in models]).to(dtype)
-            self.params += [self.gamma, self.beta]
-        for t in self.params:
-            t.requires_grad_(True)
-        self.lr = torch.tensor([float(v) for v in lrs], dtype=dtype, device=self.w.device)
-
-    @staticmethod
-    def moments(x: Tensor, y: Tensor, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
-        """What full-batch training needs of the data: N, the means, tr Σ_y, and H₀ = [R | Σ_xy | m_x] with R Rᵀ = Σ_x.
-
-        Covariances are the biased (1/N) ones BN uses. Every layer maps H ↦ W H; BN rescales the rows.
-        """
-        x, y = x.to(dtype), y.to(dtype)
-        xc, yc = x - x.mean(0), y - y.mean(0)
-        n = len(x)
-        evals, evecs = torch.linalg.eigh(xc.T @ xc / n)
-        root = evecs * evals.clamp_min(0).sqrt()  # R with R Rᵀ = Σ_x
-        return {"n": n, "dx": x.shape[1], "dy": y.shape[1], "my": y.mean(0), "tr_syy": (yc * yc).sum() / n,
-                "h0": torch.cat([root, xc.T @ yc / n, x.mean(0, keepdim=True).T], dim=1)}
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Outputs (K, N, d) of the K networks on shared inputs x (N, d), computed directly (for checks)."""
-        h = x.to(self.w.dtype).expand(len(self.models), *x.shape)
-        for i in range(self.w.shape[1] - 1):
-            h = h @ self.w[:, i].transpose(-1, -2)
-            if self.bn:
-                mean = h.mean(1, keepdim=True)
-                centred = h - mean
-                scale = torch.rsqrt(centred.square().mean(1, keepdim=True) + self.eps) * self.gamma[:, i, None, :]
-                h = torch.addcmul(self.beta[:, i, None, :], centred, scale)
-        return h @ self.w[:, -1].transpose(-1, -2)
-
-    def losses(self, mom: dict[str, Any]) -> Tensor:
-        """Each model's loss (K,), the squared error summed over the points, from the data's moments.
-
-        H = [F | G | m] holds a square root F of the layer's covariance (Σ = F Fᵀ), its covariance
-        G with y, and its mean. A linear layer maps H ↦ W H; BN (batch statistics) divides row j by
-        √(Σ_jj + ε), multiplies it by γ_j and sets the mean to β — so only the last β reaches the output.
-        """
-        dx, dy = mom["dx"], mom["dy"]
-        h = mom["h0"].expand(len(self.models), -1, -1)
-        depth = self.w.shape[1]
-        for i in range(depth):
-            h = self.w[:, i] @ h
-            if self.bn and i < depth - 1:
-                scale = torch.rsqrt(h[..., :dx].square().sum(-1) + self.eps) * self.gamma[:, i]  # γ/√(σ²_B + ε)
-                h = scale.unsqueeze(-1) * h  # the mean column is replaced below (BN's output mean is β)
-        mean = h[..., -1]
-        if self.bn and depth > 1:
-            mean = (self.w[:, -1] @ self.beta[:, -1].unsqueeze(-1)).squeeze(-1)
-        spread = h[..., :dx].square().sum((-2, -1))  # tr Σ_out
-        cross = torch.diagonal(h[..., dx:dx + dy], dim1=-2, dim2=-1).sum(-1)  # tr Cov(out, y)
-        return mom["n"] * (spread + (mean - mom["my"]).square().sum(-1) - 2 * cross + mom["tr_syy"])
-
-    def step(self, mom: dict[str, Any]) -> Tensor:
-        """One gradient-descent step of every model on the full batch; returns the losses (K,) before it."""
-        with torch.enable_grad():
-            losses = self.losses(mom)
-            grads = torch.autograd.grad(losses.sum(), self.params)  # model k's loss depends on model k's tensors only
-        with torch.no_grad():
-            for t, g in zip(self.params, grads):
-                t.sub_(self.lr.view(-1, *([1] * (t.dim() - 1))) * g)
-        return losses.detach()
-
-    @torch.no_grad()
-    def write_back(self) -> None:
-        """Copy the current values into the models (in their dtype), so that measurements can run on them."""
-        for k, m in enumerate(self.models):
-            for i, w in enumerate(m.weights()):
-                w.copy_(self.w[k, i])
-            if self.bn:
-                for i, n in enumerate(m.norms):
-                    n.weight.copy_(self.gamma[k, i])
-                    n.bias.copy_(self.beta[k, i])
-
-
-def squared_error(out: Tensor, y: Tensor) -> Tensor:
-    """Per-point squared error ‖f(x) − y‖² (the DLN's loss before summing over points)."""
-    return (out - y).square().sum(-1)
+    return {"loss": train.StepHook(losses, at=tuple(t for t in log_steps if t < steps), when="before"),
+            "loss_end": train.StepHook(losses, at=(steps,), when="after")}
 
 
 def run_dln(cfg: IcsConfig, ds: data.Dataset, device: torch.device, arrays: dict, timing: dict) -> None:
-    """The 25-layer DLN without and with BN: every seed of every learning rate in one :class:`DeepLinearStack`.
+    """The 25-layer DLN without and with BN, full-batch gradient descent: one ``fit`` call per variant and
+    learning rate, all seeds together.
 
-    Before the update of every ``dln_every``-th step: Definition 2.1 at ``dln_layers`` and the
-    activation statistics of those layers; after that update, the statistics again.
+    The engine trains DLNs from the batch's moments (:class:`bnbook.batching.DeepLinearBatch`), exact
+    and in float64; models and data are float64 too, so the measurements are. Before the update of every
+    ``dln_every``-th step: Definition 2.1 at ``dln_layers`` and those layers' activation statistics;
+    right after that update, the statistics again; the loss every ``dln_log_every`` steps.
     """
-    import time
-
-    from bnbook.env import sync
-
     if cfg.dln_loss != "squared_sum":
         raise ValueError("the DLN is trained on the summed squared error (dln_loss='squared_sum')")
     seeds = [cfg.seed + i for i in range(cfg.dln_seeds)]
-    lrs = [lr for lr in cfg.dln_lrs for _ in seeds]
-    layers = [i - 1 for i in cfg.dln_layers]
-    x, y = ds.x_train, ds.y_train
-    mom = DeepLinearStack.moments(x, y)
-    measure_at = set(range(0, cfg.dln_steps, cfg.dln_every))
+    ds = dataclasses.replace(ds, x_train=ds.x_train.double(), y_train=ds.y_train.double(),
+                             x_test=ds.x_test.double(), y_test=ds.y_test.double())
     log_steps = sorted(set(range(0, cfg.dln_steps, cfg.dln_log_every)) | {cfg.dln_steps})
     for variant in DLN_VARIANTS:
         norm = cfg.dln_norm if variant == "bn" else None
-        models = [nets.DeepLinear(cfg.dln_dim, cfg.dln_depth, norm=norm, seed=s).to(device)
-                  for _ in cfg.dln_lrs for s in seeds]
-        stack = DeepLinearStack(models, lrs)
-        loss_rec: list[Tensor] = []
-        ics_rec: list[dict[str, Tensor]] = []
-        before: list[dict[str, Tensor]] = []
-        after: list[dict[str, Tensor]] = []
-        hook_time = 0.0
-        sync(device)
-        start = time.perf_counter()
-        for t in range(cfg.dln_steps + 1):
-            measure = t in measure_at
-            if measure:
-                t0 = time.perf_counter()
-                stack.write_back()
-                ics_rec.append(_stack_rows([ics.gradient_change(m, x, y, squared_error, lr, layers, reduction="sum")
-                                            for m, lr in zip(models, lrs)]))
-                before.append(_stack_rows([ics.activation_stats(m, x, layers) for m in models]))
-                hook_time += time.perf_counter() - t0
-            if t == cfg.dln_steps:
-                with torch.no_grad():
-                    loss_rec.append(stack.losses(mom))
-                break
-            losses = stack.step(mom)
-            if t in log_steps:
-                loss_rec.append(losses)
-            if measure:
-                t0 = time.perf_counter()
-                stack.write_back()
-                after.append(_stack_rows([ics.activation_stats(m, x, layers, q=()) for m in models]))
-                hook_time += time.perf_counter() - t0
-        sync(device)
-        total = time.perf_counter() - start
-        stack.write_back()
-        loss = torch.stack(loss_rec).float().cpu().numpy() / cfg.dln_points  # (L, K) per point
-        ics_vals = {k: torch.stack([r[k] for r in ics_rec]).cpu().numpy() for k in ics_rec[0]}
-        stats_b = {k: torch.stack([r[k] for r in before]).cpu().numpy() for k in before[0]}
-        stats_a = {k: torch.stack([r[k] for r in after]).cpu().numpy() for k in after[0]}
-        changes = ics.step_changes(stats_b, stats_a, layers)
-        n = len(seeds)
-        for j in range(len(cfg.dln_lrs)):
-            cols = slice(j * n, (j + 1) * n)
+        total = hooks_time = 0.0
+        for j, lr in enumerate(cfg.dln_lrs):
+            models = [nets.DeepLinear(cfg.dln_dim, cfg.dln_depth, norm=norm, seed=s).to(device).double() for s in seeds]
+            fit_cfg = train.FitConfig(steps=cfg.dln_steps, batch_size=cfg.dln_points, lr=lr, loss=cfg.dln_loss,
+                                      log_every=cfg.dln_steps)
+            hooks = {**stat_hooks(cfg.dln_layers, cfg.dln_every, cfg.dln_steps),
+                     "ics": ics_hook(cfg.dln_layers, cfg.dln_every, cfg.dln_steps),
+                     **loss_hooks(log_steps, cfg.dln_steps)}
+            res = train.fit(models, ds, fit_cfg, seeds=seeds, hooks=hooks)
             p = f"dln_{variant}_{j}"
-            arrays[f"{p}_steps"] = np.array(log_steps)
-            arrays[f"{p}_loss"] = loss[:, cols]
-            bad = ~np.isfinite(loss[:, cols])
-            arrays[f"{p}_diverged"] = np.where(bad.any(0), np.array(log_steps)[bad.argmax(0)], -1)
-            arrays[f"{p}_ics_steps"] = arrays[f"{p}_stats_steps"] = np.array(sorted(measure_at))
-            for key in ("l2", "cos", "g_norm"):
-                arrays[f"{p}_{key}"] = ics_vals[key][:, cols]
-            for layer in layers:
-                arrays[f"{p}_q{layer + 1}"] = stats_b[f"q{layer}"][:, cols]
-                arrays[f"{p}_dmean{layer + 1}"] = changes[f"dmean{layer}"][:, cols]
-                arrays[f"{p}_dvar{layer + 1}"] = changes[f"dvar{layer}"][:, cols]
+            _store_hooks(arrays, p, res, cfg.dln_layers)
+            losses = np.concatenate([res.hooks["loss"]["values"], res.hooks["loss_end"]["values"]])
+            arrays[f"{p}_steps"] = np.concatenate([res.hooks["loss"]["steps"], res.hooks["loss_end"]["steps"]])
+            arrays[f"{p}_loss"] = losses / cfg.dln_points  # (L, K) per point
+            arrays[f"{p}_diverged"] = res.diverged_step
+            total += res.train_time_s + res.eval_time_s
+            hooks_time += res.eval_time_s
         timing[f"dln_{variant}"] = total
-        timing[f"dln_{variant}_hooks"] = hook_time
-
-
-def _stack_rows(rows: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Per-model measurement dicts stacked along a new model axis."""
-    return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+        timing[f"dln_{variant}_hooks"] = hooks_time
 
 
 # ---------------------------------------------------------------- headline numbers
