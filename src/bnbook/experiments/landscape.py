@@ -695,10 +695,8 @@ def plot_fig11(A: dict[str, np.ndarray], cfg_etas: dict[str, Sequence[float]], v
                 ax = axes[r, col]
                 for d, ls in zip(range(change.shape[2]), ("-", "--")):
                     y = change[i, :, d, :]  # (K, E)
-                    ax.plot(etas, np.nanmean(y, 0), color=COLORS[v], ls=ls, marker="o", ms=3,
-                            label=f"{LABELS[v]}, {DIRECTIONS[d]}")
-                    if y.shape[0] > 1:
-                        ax.fill_between(etas, np.nanmin(y, 0), np.nanmax(y, 0), color=COLORS[v], alpha=0.15, lw=0)
+                    seed_band(ax, etas, y.T, COLORS[v], f"{LABELS[v]}, {DIRECTIONS[d]}", alpha=0.15,
+                              ls=ls, marker="o", ms=3)
                 ax.set_title(f"{LABELS[arch]}, step {int(steps[i])}")
                 ax.set_xscale("log")
                 ax.set_yscale("log")
