@@ -149,8 +149,10 @@ def test_norm_specs_and_batching_rules():
     eps3 = functools.partial(norms.BatchNorm, eps=1e-3)
     assert sig(nets.MLP(4, (3,), norm=eps3)) != sig(nets.MLP(4, (3,), norm="bn"))
     assert sig(nets.MLP(4, (3,), norm=nn.LayerNorm)) is None  # runs on the general path
-    assert isinstance(batching.batch_models([nets.MLP(4, (3,), norm=nn.LayerNorm)]), batching.VmapBatch)
-    assert isinstance(batching.batch_models([nets.MLP(4, (3,))], fast=False), batching.VmapBatch)
+    assert isinstance(batching.batch_models([nets.MLP(4, (3,), norm=nn.LayerNorm)] * 2), batching.VmapBatch)
+    assert isinstance(batching.batch_models([nets.MLP(4, (3,))] * 2, fast=False), batching.VmapBatch)
+    assert isinstance(batching.batch_models([nets.MLP(4, (3,))], fast=False), batching.SingleModel)
+    assert isinstance(batching.batch_models([nets.SmallCNN()]), batching.SingleModel)
     assert sig(nets.MLP(4, (3,), norm="ws+bn")) is None  # the stacked path has no weight standardisation
     with pytest.raises(BnbookError, match="one architecture"):
         batching.batch_models([nets.MLP(4, (3,)), nets.MLP(4, (5,))])
