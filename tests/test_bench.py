@@ -57,7 +57,10 @@ def test_performance_appendix_result_file():
     assert set(res.arrays) == {f"samples_{r['contender']}" for r in res.metrics["rows"]} | conv
     assert {r["net"] for r in res.metrics["conv"]["rows"]} == {"cnn", "resnet"}
     assert all(r["images_per_s"] > 0 and 0 < r["fraction_of_conv_peak"] for r in res.metrics["conv"]["rows"])
-    assert set(performance.conv_gains(res)) == {"cnn", "resnet"}
+    gains = performance.conv_gains(res)
+    assert set(gains) == {"cnn", "resnet"}
+    assert all(set(g) == {"ratio", "k", "bf16", "bf16_tut", "ours"} and min(g.values()) > 0 for g in gains.values())
+    assert {r["precision"] for r in res.metrics["conv"]["rows"]} == {"fp32", "bf16"}
     assert np.all(res.arrays["samples_tutorial"] > 0)
     fig = performance.figure(res)
     assert len(fig.axes[0].patches) == len(res.metrics["rows"])
@@ -95,3 +98,25 @@ def test_fit_timing_excludes_the_warm_up():
     assert rate > 0
     with pytest.raises(BnbookError, match="warmup"):
         bench.ConvBenchSettings(warmup=0)
+
+
+def test_contender_names_and_the_bf16_rows():
+    assert bench.contender("engine_k16_bf16_all") == {
+        "kind": "engine", "models": 16, "bf16": True, "all_threads": True, "book_bn": False}
+    assert bench.contender("tutorial")["models"] == 1 and bench.contender("engine_k1_ours")["book_bn"]
+    with pytest.raises(BnbookError, match="unknown benchmark contender"):
+        bench.contender("engine_k2_fp8")
+    s = bench.BenchSettings(steps=2, warmup=1, repeats=1, stacks=(1, 2), gemm_size=32, amp_too=True)
+    out = bench.run_benchmark(s, torch.device("cpu"))
+    rows = {r["contender"]: r for r in out["rows"]}
+    assert {"tutorial_bf16", "engine_k2_bf16"} <= set(rows)
+    assert rows["engine_k2_bf16"]["precision"] == "bf16" and rows["engine_k2"]["precision"] == "fp32"
+    # the headline compares float32 with float32; the bf16 rows have their own ratios
+    assert out["best_engine"] in ("engine_k1", "engine_k2") and out["best_tutorial"] == "tutorial"
+    assert out["best_engine_bf16"] == "engine_k2_bf16" and out["best_tutorial_bf16"] == "tutorial_bf16"
+    assert math.isclose(out["ratio_bf16"], out["best"]["engine_k2_bf16"] / out["best"]["tutorial"])
+    assert math.isclose(out["compute_limit_bf16_model_steps_per_s"],
+                        out["sgemm_gflops_bf16"] * 1e9 / out["flops_per_model_step"])
+    assert performance.label("engine_k2_bf16") == "engine, 2 models at once, bf16 products"
+    assert performance.label("tutorial_bf16_all") == "tutorial loop, bf16 autocast, default threads"
+    assert performance.label("engine_k1_ours") == "engine, 1 model at once, the book's BN"

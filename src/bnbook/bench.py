@@ -9,6 +9,9 @@ The network is chapter 3's: a 784–100–100–100–10 sigmoid MLP with BN, ba
   tensors, autograd, no per-step synchronisation);
 - ``engine K=k``: the engine training k models (seeds) at once as one stacked MLP with the
   hand-written backward pass,
+- with ``amp_too``, the tutorial under ``torch.autocast`` and the largest stack with its matrix
+  products in bfloat16 (``FitConfig(amp="bf16")``; BN statistics, activations and weights stay
+  float32) — on a CPU with AVX-512 BF16 the products run about four times faster,
 
 in model-steps per second (one optimiser step of one model), interleaved and repeated,
 and compare them with the *compute limit*: the machine's measured sgemm throughput divided
@@ -48,6 +51,7 @@ class BenchSettings:
     threads: int | None = 1  # CPU threads for every contender (None: torch's default)
     gemm_size: int = 1024  # side of the square sgemm that measures the peak
     all_threads_too: bool = False  # also time the tutorial and the largest stack with torch's default threads
+    amp_too: bool = False  # also time the tutorial and the largest stack with bf16 matrix products
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 1 or self.repeats < 1 or not self.stacks or min(self.stacks) < 1:
@@ -65,10 +69,10 @@ def flops_per_model_step(sizes: tuple[int, ...], batch_size: int) -> int:
     return 2 * sum(per_layer) + sum(per_layer[1:])
 
 
-def sgemm_gflops(device: torch.device, n: int = 1024, repeats: int = 5) -> float:
-    """Best measured float32 matrix-multiply throughput (GFLOP/s) of an n×n product on ``device``."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def sgemm_gflops(device: torch.device, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best measured matrix-multiply throughput (GFLOP/s) of an n×n product in ``dtype`` on ``device``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     inner = max(1, (2048 // n) ** 3) * (20 if device.type == "cuda" else 1)
     best = float("inf")
     for _ in range(repeats + 1):
@@ -92,19 +96,26 @@ def tutorial_mlp(s: BenchSettings, in_features: int, num_classes: int, seed: int
     return nn.Sequential(*layers, nn.Linear(sizes[-1], num_classes))
 
 
-def time_tutorial(s: BenchSettings, ds: data.Dataset, device: torch.device, seed: int = 0) -> float:
+def time_tutorial(s: BenchSettings, ds: data.Dataset, device: torch.device, seed: int = 0,
+                  amp: str | None = None) -> float:
     """Steps per second of the tutorial loop on chapter 3's MLP (see :func:`time_plain_loop`)."""
     model = tutorial_mlp(s, ds.x_train[0].numel(), ds.num_classes, seed).to(device)
-    return time_plain_loop(model, ds, device, s.batch_size, s.steps, s.warmup, seed)
+    return time_plain_loop(model, ds, device, s.batch_size, s.steps, s.warmup, seed, amp)
 
 
 def time_plain_loop(
-    model: nn.Module, ds: data.Dataset, device: torch.device, batch_size: int, steps: int, warmup: int, seed: int = 0
+    model: nn.Module, ds: data.Dataset, device: torch.device, batch_size: int, steps: int, warmup: int, seed: int = 0,
+    amp: str | None = None,
 ) -> float:
     """Steps per second of the loop most tutorials write: ``DataLoader(TensorDataset, shuffle=True)``
-    from host memory, ``torch.optim.SGD``, and ``loss.item()`` every step (a host synchronisation)."""
+    from host memory, ``torch.optim.SGD``, and ``loss.item()`` every step (a host synchronisation);
+    with ``amp="bf16"`` the forward pass runs under ``torch.autocast`` (bfloat16), as tutorials on
+    mixed precision write it."""
+    import contextlib
+
     from torch.utils.data import DataLoader, TensorDataset
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
     cpu = ds.to("cpu")
     loader = DataLoader(TensorDataset(cpu.x_train, cpu.y_train), batch_size=batch_size, shuffle=True,
                         drop_last=True, generator=torch.Generator().manual_seed(seed))
@@ -118,7 +129,9 @@ def time_plain_loop(
                 sync(device)
                 t0 = time.perf_counter()
             x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y)
+            with autocast:
+                out = model(x)
+            loss = loss_fn(out.float(), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -131,11 +144,11 @@ def time_plain_loop(
 
 
 def time_fit(models: list[nn.Module], ds: data.Dataset, batch_size: int, steps: int, warmup: int,
-             seed: int = 0, stack: bool = True) -> float:
+             seed: int = 0, stack: bool = True, amp: str | None = None) -> float:
     """Model-steps per second of :func:`bnbook.train.fit` training ``models`` at once, timed by two step
     hooks between the end of update ``warmup`` and the end of update ``warmup + steps`` (as the tutorial loop is)."""
     cfg = train.FitConfig(steps=warmup + steps, batch_size=batch_size, lr=0.1, log_every=warmup + steps,
-                          stack=stack, probe_size=1)
+                          stack=stack, probe_size=1, amp=amp)
     small_test = dataclasses.replace(ds, x_test=ds.x_test[:1], y_test=ds.y_test[:1])
     device = ds.x_train.device
 
@@ -149,7 +162,8 @@ def time_fit(models: list[nn.Module], ds: data.Dataset, batch_size: int, steps: 
     return len(models) * steps / (t1 - t0)
 
 
-def time_engine(s: BenchSettings, ds: data.Dataset, k: int, stack: bool = True, seed: int = 0) -> float:
+def time_engine(s: BenchSettings, ds: data.Dataset, k: int, stack: bool = True, seed: int = 0,
+                amp: str | None = None) -> float:
     """Model-steps per second of :func:`bnbook.train.fit` training ``k`` BN MLPs at once (evaluation excluded).
 
     Unstacked, the models use ``nn.BatchNorm1d`` (PyTorch's fused kernel, as the tutorial does),
@@ -161,7 +175,22 @@ def time_engine(s: BenchSettings, ds: data.Dataset, k: int, stack: bool = True, 
         .to(ds.x_train.device)
         for i in range(k)
     ]
-    return time_fit(models, ds, s.batch_size, s.steps, s.warmup, seed, stack)
+    return time_fit(models, ds, s.batch_size, s.steps, s.warmup, seed, stack, amp)
+
+
+def contender(name: str) -> dict[str, Any]:
+    """What a contender's name says: ``kind`` (tutorial | indexed | engine), ``models``, ``bf16``
+    (matrix products in bfloat16), ``all_threads`` (torch's default thread count) and ``book_bn``
+    (the book's ``norms.BatchNorm`` instead of PyTorch's), e.g. ``engine_k16_bf16_all``."""
+    parts = name.split("_")
+    kind = parts[0]
+    models = int(parts[1].removeprefix("k")) if kind == "engine" else 1
+    flags = set(parts[2:] if kind == "engine" else parts[1:])
+    unknown = flags - {"bf16", "all", "ours"}
+    if kind not in ("tutorial", "indexed", "engine") or unknown:
+        raise BnbookError(f"unknown benchmark contender {name!r}")
+    return {"kind": kind, "models": models, "bf16": "bf16" in flags, "all_threads": "all" in flags,
+            "book_bn": "ours" in flags}
 
 
 def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -175,10 +204,16 @@ def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[st
     }
     for k in s.stacks:
         contenders[f"engine_k{k}"] = functools.partial(time_engine, s, ds, k, True)  # called with seed=r
+    largest = f"engine_k{max(s.stacks)}"
+    varied = ["tutorial", largest]
+    if s.amp_too:
+        contenders["tutorial_bf16"] = lambda r: time_tutorial(s, ds, device, seed=r, amp="bf16")
+        contenders[f"{largest}_bf16"] = lambda r: time_engine(s, ds, max(s.stacks), True, seed=r, amp="bf16")
+        varied += ["tutorial_bf16", f"{largest}_bf16"]
     old_threads = torch.get_num_threads()
     row_threads = {name: s.threads or old_threads for name in contenders}
     if s.all_threads_too and device.type == "cpu":
-        for name in ("tutorial", f"engine_k{max(s.stacks)}"):
+        for name in varied:
             contenders[f"{name}_all"] = _with_threads(contenders[name], old_threads)
             row_threads[f"{name}_all"] = old_threads
     samples: dict[str, list[float]] = {name: [] for name in contenders}
@@ -192,15 +227,29 @@ def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[st
                     progress(f"repeat {r + 1}/{s.repeats} {name}: {samples[name][-1]:.0f} model-steps/s")
     with num_threads(old_threads if device.type == "cpu" else None):
         peak_all = sgemm_gflops(device, s.gemm_size)
+        peak_bf16 = sgemm_gflops(device, s.gemm_size, dtype=torch.bfloat16) if s.amp_too else None
         threads_all = torch.get_num_threads()
     flops = flops_per_model_step(sizes, s.batch_size)
     peak = max(peak_used, peak_all)
     limit = peak * 1e9 / flops
     best = {name: max(v) for name, v in samples.items()}
     median = {name: statistics.median(v) for name, v in samples.items()}
-    # Headline: each side at its best thread count (the "_all" rows use torch's default).
-    engine_best = max((n for n in best if n.startswith("engine")), key=best.get)
-    tutorial_best = max((n for n in best if n.startswith("tutorial")), key=best.get)
+    info = {name: contender(name) for name in contenders}
+
+    def fastest(kind: str, bf16: bool) -> str | None:
+        names = [n for n in best if info[n]["kind"] == kind and info[n]["bf16"] == bf16]
+        return max(names, key=best.get) if names else None
+
+    # Headline: each side at its best thread count (the "_all" rows use torch's default), float32 against
+    # float32; the bf16 rows are compared with the float32 tutorial and with the bf16 one.
+    engine_best, tutorial_best = fastest("engine", False), fastest("tutorial", False)
+    bf16 = {}
+    if s.amp_too:
+        e16, t16 = fastest("engine", True), fastest("tutorial", True)
+        bf16 = {"best_engine_bf16": e16, "best_tutorial_bf16": t16, "sgemm_gflops_bf16": peak_bf16,
+                "compute_limit_bf16_model_steps_per_s": peak_bf16 * 1e9 / flops,
+                "ratio_bf16": best[e16] / best[tutorial_best], "ratio_bf16_vs_tutorial_bf16": best[e16] / best[t16],
+                "speedup_bf16_engine": best[e16] / best[engine_best], "speedup_bf16_tutorial": best[t16] / best[tutorial_best]}
     return {
         "device": str(device),
         "threads": threads,
@@ -218,18 +267,16 @@ def run_benchmark(s: BenchSettings, device: torch.device, progress: Callable[[st
         "ratio_best": best[engine_best] / best[tutorial_best],
         "ratio_median": median[engine_best] / median[tutorial_best],
         "fraction_of_limit": best[engine_best] / limit,
-        "headroom": limit / best[tutorial_best],  # the largest ratio any engine could reach on this machine
+        "headroom": limit / best[tutorial_best],  # the largest ratio any float32 engine could reach on this machine
+        **bf16,
         "rows": [
-            {"contender": name, "models": _models_of(name), "threads": row_threads[name] if device.type == "cpu" else None,
+            {"contender": name, "models": info[name]["models"], "precision": "bf16" if info[name]["bf16"] else "fp32",
+             "threads": row_threads[name] if device.type == "cpu" else None,
              "best": best[name], "median": median[name],
              "ratio": best[name] / best[tutorial_best], "fraction_of_limit": best[name] / limit}
             for name in contenders
         ],
     }
-
-
-def _models_of(name: str) -> int:
-    return int(name.removeprefix("engine_k").removesuffix("_all")) if name.startswith("engine_k") else 1
 
 
 def _with_threads(fn: Callable[[int], float], threads: int) -> Callable[[int], float]:
@@ -262,6 +309,8 @@ class ConvBenchSettings:
     seeds: tuple[int, ...] = (1, 4)  # models the engine trains at once
     repeats: int = 2
     threads: int | None = None  # CPU threads (None: torch's default; convolutions use them well)
+    amp_too: bool = True  # also the tutorial and one engine model with bf16 convolutions (autocast)
+    book_bn_too: bool = True  # also one engine model with the book's BN (norms.BatchNorm) instead of PyTorch's
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 1 or self.repeats < 1 or not self.seeds or min(self.seeds) < 1:
@@ -292,10 +341,10 @@ def conv_flops_per_step(model: nn.Module, x: Tensor) -> int:
     return total
 
 
-def conv_gflops(device: torch.device, repeats: int = 5) -> float:
-    """Best measured throughput (GFLOP/s) of a mid-sized 3×3 convolution's forward pass on ``device``."""
-    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device)
-    x = torch.randn(64, 64, 32, 32, device=device)
+def conv_gflops(device: torch.device, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best measured throughput (GFLOP/s) of a mid-sized 3×3 convolution's forward pass in ``dtype`` on ``device``."""
+    conv = nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device, dtype)
+    x = torch.randn(64, 64, 32, 32, device=device).to(dtype)
     flops = 2 * 64 * 9 * x.numel()
     best = float("inf")
     with torch.no_grad():
@@ -326,22 +375,33 @@ def run_conv_benchmark(s: ConvBenchSettings, device: torch.device) -> dict[str, 
     rows = []
     with num_threads(s.threads if device.type == "cpu" else None):
         peak = conv_gflops(device)
+        peak_bf16 = conv_gflops(device, dtype=torch.bfloat16) if s.amp_too else None
         for net, (make, ds, batch) in nets_.items():
             flops = conv_flops_per_step(make(0).to(device), ds.x_train[:batch])
-            samples: dict[str, list[float]] = {"tutorial": [], **{f"engine_k{k}": [] for k in s.seeds}}
+            contenders = {name: contender(name) for name in (
+                "tutorial", *[f"engine_k{k}" for k in s.seeds],
+                *(["tutorial_bf16", f"engine_k{min(s.seeds)}_bf16"] if s.amp_too else []),
+                *([f"engine_k{min(s.seeds)}_ours"] if s.book_bn_too else []))}
+            samples: dict[str, list[float]] = {name: [] for name in contenders}
             for r in range(s.repeats):
-                samples["tutorial"].append(time_plain_loop(make(r, "torch-bn").to(device), ds, device, batch,
-                                                           s.steps, s.warmup, seed=r))
-                for k in s.seeds:
-                    models = [make(r * 100 + i).to(device) for i in range(k)]
-                    samples[f"engine_k{k}"].append(time_fit(models, ds, batch, s.steps, s.warmup, seed=r))
+                for name, c in contenders.items():
+                    amp = "bf16" if c["bf16"] else None
+                    norm = "bn" if c["book_bn"] else "torch-bn"  # PyTorch's BN unless the row says otherwise
+                    if c["kind"] == "tutorial":
+                        rate = time_plain_loop(make(r, norm).to(device), ds, device, batch, s.steps, s.warmup, r, amp)
+                    else:
+                        models = [make(r * 100 + i, norm).to(device) for i in range(c["models"])]
+                        rate = time_fit(models, ds, batch, s.steps, s.warmup, seed=r, amp=amp)
+                    samples[name].append(rate)
             base = max(samples["tutorial"])
             for name, v in samples.items():
                 rows.append({
-                    "net": net, "contender": name, "models": _models_of(name), "batch": batch,
+                    "net": net, "contender": name, "models": contenders[name]["models"], "batch": batch,
+                    "precision": "bf16" if contenders[name]["bf16"] else "fp32",
+                    "norm": "norms.BatchNorm" if contenders[name]["book_bn"] else "nn.BatchNorm2d",
                     "best": max(v), "median": statistics.median(v), "images_per_s": max(v) * batch,
                     "ratio": max(v) / base, "flops_per_step": flops,
                     "fraction_of_conv_peak": max(v) * flops / (peak * 1e9), "samples": v,
                 })
     return {"device": str(device), "threads": torch.get_num_threads() if s.threads is None else s.threads,
-            "settings": dataclasses.asdict(s), "conv_gflops": peak, "rows": rows}
+            "settings": dataclasses.asdict(s), "conv_gflops": peak, "conv_gflops_bf16": peak_bf16, "rows": rows}
