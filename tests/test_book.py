@@ -244,3 +244,18 @@ def test_site_offers_the_pdf(smoke_book, smoke_pdf):
     for page in [html / "intro.html", html / "cite.html", *chapter_pages(smoke_book)]:  # pages with a source
         assert 'href="' + ("../" if page.parent != html else "") + 'bnbook.pdf"' in page.read_text(), (
             f"{page.name}'s download menu does not offer the PDF")
+
+
+def test_pagecheck_command_takes_a_relative_folder(tmp_path, monkeypatch):
+    """``python -m bnbook.pagecheck _build/html`` (its default is relative): pages reach Chromium as file URIs."""
+    from bnbook import pagecheck
+
+    (tmp_path / "html").mkdir()
+    (tmp_path / "html" / "page.html").write_text("<html><body>x</body></html>")
+    seen = []
+    monkeypatch.setattr(pagecheck, "screenshot", lambda page, out, **kw: seen.append(page.as_uri()) or out)
+    monkeypatch.setattr(pagecheck, "layout_report", lambda page, width: seen.append(page.as_uri()) or {})
+    monkeypatch.setattr(pagecheck, "layout_problems", lambda report, min_text_px: [])
+    monkeypatch.chdir(tmp_path)
+    assert pagecheck.main(["html", "--out", "shots"]) == 0
+    assert len(seen) == 5 and all(uri.startswith("file:///") for uri in seen)

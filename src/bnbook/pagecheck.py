@@ -165,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("html", nargs="?", type=Path, default=Path("_build/html"))
     parser.add_argument("--out", type=Path, default=Path("_build/screenshots"))
     args = parser.parse_args(argv)
+    args.html = args.html.resolve()  # pages are opened as file:// URIs, which need absolute paths
     found = 0
     for page in pages(args.html):
         stem = "-".join(page.relative_to(args.html).with_suffix("").parts)

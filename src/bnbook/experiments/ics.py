@@ -762,43 +762,41 @@ def figure_step_changes(res: Result, layers: Sequence[int], paper_labels: Sequen
 
 def figure_gradient_change(res: Result, prefixes: Sequence[Sequence[str]], titles: Sequence[str],
                            layers: Sequence[int], layer_labels: Sequence[str], left: str):
-    """Fig. 3: per row (one learning rate), the training curve and ‖G − G′‖₂, cos(G, G′) of two layers.
+    """Fig. 3: per column (one learning rate), the training curve and ‖G − G′‖₂, cos(G, G′) of two layers.
 
-    ``prefixes[r]`` holds the run prefixes of row r as (standard, BN); ``left`` is ``"acc"`` (VGG:
+    ``prefixes[r]`` holds the run prefixes of column r as (standard, BN); ``left`` is ``"acc"`` (VGG:
     training accuracy) or ``"loss"`` (DLN: training loss per point, log scale).
     """
     import matplotlib.pyplot as plt
 
     from bnbook.plots import seed_band
 
-    a, c = res.arrays, res.config
+    a = res.arrays
     n = 1 + 2 * len(layers)
-    fig, axes = plt.subplots(len(prefixes), n, figsize=(2.6 * n, 2.5 * len(prefixes)), squeeze=False)
+    # one column per learning rate, one row per quantity: two narrow columns stay readable in a text column
+    fig, axes = plt.subplots(n, len(prefixes), figsize=(3.4 * len(prefixes), 2.0 * n), squeeze=False, sharex="col")
     for r, (row, title) in enumerate(zip(prefixes, titles)):
         for p, v in zip(row, ("standard", "bn")):
             label = LABELS[v] if left == "acc" else ("DLN" if v == "standard" else "DLN + BN")
-            if left == "acc":
-                seed_band(axes[r, 0], a[f"{p}_steps"], a[f"{p}_train_acc"], COLORS[v], label)
-            else:
-                seed_band(axes[r, 0], a[f"{p}_steps"], a[f"{p}_loss"], COLORS[v], label)
+            curve = a[f"{p}_train_acc"] if left == "acc" else a[f"{p}_loss"]
+            seed_band(axes[0, r], a[f"{p}_steps"], curve, COLORS[v], label)
             steps = a[f"{p}_ics_steps"]
             for j in range(len(layers)):
-                seed_band(axes[r, 1 + 2 * j], steps, a[f"{p}_l2"][..., j], COLORS[v], label)
-                seed_band(axes[r, 2 + 2 * j], steps, a[f"{p}_cos"][..., j], COLORS[v], label)
-        axes[r, 0].set_ylabel(title)
+                seed_band(axes[1 + 2 * j, r], steps, a[f"{p}_l2"][..., j], COLORS[v], label)
+                seed_band(axes[2 + 2 * j, r], steps, a[f"{p}_cos"][..., j], COLORS[v], label)
+        axes[0, r].set_title(title, fontsize=10)
         if left == "acc":
-            axes[r, 0].set_ylim(0, 1)
-            axes[r, 0].set_title("training accuracy", fontsize=9)
+            axes[0, r].set_ylim(0, 1)
         else:
-            axes[r, 0].set_yscale("log")
-            axes[r, 0].set_title("training loss per point", fontsize=9)
-        for j, name in enumerate(layer_labels):
-            axes[r, 1 + 2 * j].set_yscale("log")
-            axes[r, 1 + 2 * j].set_title(f"{name}: $\\|G-G'\\|_2$", fontsize=9)
-            axes[r, 2 + 2 * j].set_title(f"{name}: $\\cos(G, G')$", fontsize=9)
-            axes[r, 2 + 2 * j].set_ylim(-1.05, 1.05)
-    for ax in axes[-1]:
-        ax.set_xlabel("training step")
+            axes[0, r].set_yscale("log")
+        for j in range(len(layers)):
+            axes[1 + 2 * j, r].set_yscale("log")
+            axes[2 + 2 * j, r].set_ylim(-1.05, 1.05)
+        axes[-1, r].set_xlabel("training step")
+    axes[0, 0].set_ylabel("training accuracy" if left == "acc" else "training loss\nper point", fontsize=9)
+    for j, name in enumerate(layer_labels):
+        axes[1 + 2 * j, 0].set_ylabel(f"{name}:\n$\\|G-G'\\|_2$", fontsize=9)
+        axes[2 + 2 * j, 0].set_ylabel(f"{name}:\n$\\cos(G, G')$", fontsize=9)
     axes[0, 0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig

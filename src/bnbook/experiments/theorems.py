@@ -765,7 +765,8 @@ def plot_sigma(a: dict[str, np.ndarray]):
     colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.8, n_layers))
     panels = [("bn_sigma", "σ_j (pre-BN batch std)", "log"), ("bn_gamma", "|γ_j|", "log"),
               ("bn_scale", "γ_j²/σ_j²", "log"), ("bn_input_spread", "batch std of the input sigmoids", "linear")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.4))
+    fig, grid = plt.subplots(2, 2, figsize=(8.4, 6.2))  # 2×2, not 1×4: labels stay readable in a text column
+    axes = grid.ravel()
     for ax, (name, title, scale) in zip(axes, panels):
         for layer in range(n_layers):
             for seed in range(k):
@@ -778,8 +779,10 @@ def plot_sigma(a: dict[str, np.ndarray]):
             ax.axhline(1.0, color="0.35", lw=0.8)
         ax.set_yscale(scale)
         ax.set_title(title, fontsize=10)
+    for ax in grid[-1]:
         ax.set_xlabel("SGD step")
-    axes[0].set_ylabel("median over units")
+    for ax in grid[:, 0]:
+        ax.set_ylabel("median over units")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
