@@ -469,10 +469,10 @@ class DeepLinearBatch(StackedMLP):
     """K deep linear networks (:class:`bnbook.nets.DeepLinear`, no norm or BN) run together.
 
     The forward pass is :class:`StackedMLP`'s (with the identity as the activation). The
-    training step is not: a DLN layer is a product of two 10×10 matrices — microseconds of
-    arithmetic — so what costs is the number of operations, and :meth:`loss_and_grad` needs
-    25 small ones per layer fewer than a pass over the batch, because **a linear network sees
-    a batch only through its moments**. Every layer is linear in x, and BN (training mode)
+    training step is not: a DLN layer costs microseconds of arithmetic, so a step's cost is its
+    number of operations, and :meth:`loss_and_grad` keeps that small and independent of the
+    batch size because **a linear network sees a batch only through its moments**. Every layer
+    is linear in x, and BN (training mode)
     normalises with the batch mean and biased variance, which follow from the mean and
     covariance of the layer's input. So each model is tracked, layer by layer, by
     H = [F | G | m]: a square root F of the layer's covariance (Σ = F Fᵀ), its covariance G
@@ -534,7 +534,8 @@ class DeepLinearBatch(StackedMLP):
         losses = total if loss == "squared_sum" else total / b
         # Backward, written out: dA and dm of each layer's output, from the top.
         scale = 2.0 * b if loss == "squared_sum" else 2.0
-        d_a = torch.cat([a[..., :dx], -torch.eye(dx, dy, dtype=f64).expand(k, dx, dy)], dim=-1) * scale
+        d_out = a.shape[1]
+        d_a = torch.cat([a[..., :dx], -torch.eye(d_out, dy, dtype=f64, device=a.device).expand(k, d_out, dy)], dim=-1) * scale
         d_m = (m - my) * scale
         grads: dict[str, Tensor] = {}
         for i in reversed(range(n_layers)):
