@@ -548,3 +548,22 @@ def test_compiled_forward_gives_the_same_numbers(mnist):
         cfg = train.FitConfig(steps=5, batch_size=32, log_every=5, stack=False, compile=compile_)
         runs.append(train.fit(models, ds, cfg).test_loss)
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
+
+
+def test_noise_depends_on_the_seeds_only_and_the_callers_generator_is_left_alone(tiny64):
+    """Noisy BN draws from the global generator: fit seeds it from the seeds, whatever ran before, and restores it."""
+    cfg = dataclasses.replace(HARD, augment=None, eval_train=0)
+    ds = dataclasses.replace(tiny64, x_train=tiny64.x_train.float(), x_test=tiny64.x_test.float())
+
+    def run(seeds, before):
+        torch.manual_seed(before)
+        torch.rand(7)  # whatever the process did before
+        models = [nets.SmallCNN(1, 10, widths=(4, 8), norm="noisy-bn", seed=0) for _ in seeds]
+        state = torch.get_rng_state()
+        res = train.fit(models, ds, cfg, seeds=seeds)
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is where it was
+        return res.train_loss
+
+    np.testing.assert_array_equal(run([0, 1], before=1), run([0, 1], before=2))
+    assert not np.array_equal(run([0, 1], before=1), run([2, 1], before=1))  # other seeds: other noise (and batches)
+    assert train.global_seed([0, 1]) != train.global_seed([1, 0])

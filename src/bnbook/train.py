@@ -21,7 +21,8 @@ accuracy (inference mode: BN with its running averages), optionally the same on 
 training subset, and every *probe* on a fixed probe batch. *Step hooks* see the models and the
 very batch of chosen steps, before or after the update — enough to measure Santurkar et al.'s
 gradient change (chapter 6) or landscape (chapter 7) without a second training loop. Probes and
-hooks run inside :func:`no_side_effects`: whatever they do to the models is undone.
+hooks run inside :func:`no_side_effects`: whatever they do to the models is undone. Random layers
+draw from the global generator, which ``fit`` seeds from the seeds (and restores afterwards).
 
 A model whose loss becomes NaN or ±inf is *recorded* as diverged (with the step), its later
 metrics are NaN, and the others train on. Frozen tensors (``requires_grad=False``, or entries
@@ -383,8 +384,35 @@ def fit(
         probes: name -> :data:`Probe`, evaluated at the log steps on the first ``cfg.probe_size`` test inputs.
         hooks: name -> :class:`StepHook`, called at their steps with a :class:`StepContext`.
         param_groups: per-parameter optimiser overrides (see :func:`make_optimizer`).
+
+    Random layers (noisy BN, dropout) draw from PyTorch's global generator; ``fit`` seeds it from
+    ``seeds`` for the run (:func:`global_seed`) and restores the caller's state afterwards, so a
+    run's noise depends on its seeds only — not on what the process did before.
     """
     models = list(models)
+    ks = list(range(len(models))) if seeds is None else [int(s) for s in seeds]
+    devices = [data.x_train.device] if data.x_train.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(global_seed(ks))
+        return _fit(models, data, cfg, seeds, probes, hooks, param_groups)
+
+
+def global_seed(seeds: Sequence[int]) -> int:
+    """The seed of the global generator during ``fit(..., seeds=seeds)``: a hash of the seed list
+    (``numpy.random.SeedSequence``), so runs with different seeds draw different noise."""
+    return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _fit(
+    models: list[nn.Module],
+    data: Dataset,
+    cfg: FitConfig,
+    seeds: Sequence[int] | None,
+    probes: Mapping[str, Probe] | None,
+    hooks: Mapping[str, StepHook] | None,
+    param_groups: Mapping[str, Mapping[str, float]] | None,
+) -> FitResult:
+    """:func:`fit`'s body, run with the global generator seeded."""
     if not models:
         raise BnbookError("fit needs at least one model")
     device = data.x_train.device
