@@ -752,6 +752,20 @@ def plot_lp_hist(A: dict[str, np.ndarray], variants: Sequence[str]):
     return fig
 
 
+def _finish_arch_rows(fig, axes, ylabels: Sequence[str]):
+    """The ℓp figures' common finish: one row per architecture (named on its first panel), the given y labels
+    per column, log scales, the step axis on the bottom row, one legend; returns ``fig``."""
+    for r, arch in enumerate(ARCHS):
+        for c, (ax, text) in enumerate(zip(axes[r], ylabels)):
+            ax.set_ylabel(f"{LABELS[arch]}\n{text}" if c == 0 else text)
+            ax.set_yscale("log")
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_lp_shift(A: dict[str, np.ndarray], variants: Sequence[str]):
     """Distributional shift: mean over channels of |Δμ| and |Δσ²| between records, last recorded layer."""
     import matplotlib.pyplot as plt
@@ -764,15 +778,7 @@ def plot_lp_shift(A: dict[str, np.ndarray], variants: Sequence[str]):
             for c, stat in enumerate(("mean", "var")):
                 d = np.abs(np.diff(A[f"{arch}_{v}_act{layer}_{stat}"], axis=0)).mean(-1)
                 seed_band(axes[r, c], steps[1:], d, COLORS[v], LABELS[v])
-        axes[r, 0].set_ylabel(f"{LABELS[arch]}\n|μ(t) − μ(t − Δ)|")
-        axes[r, 1].set_ylabel("|σ²(t) − σ²(t − Δ)|")
-        for ax in axes[r]:
-            ax.set_yscale("log")
-    for ax in axes[1]:
-        ax.set_xlabel("training step")
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish_arch_rows(fig, axes, ("|μ(t) − μ(t − Δ)|", "|σ²(t) − σ²(t − Δ)|"))
 
 
 def plot_lp_landscape(A: dict[str, np.ndarray], variants: Sequence[str]):
@@ -787,16 +793,7 @@ def plot_lp_landscape(A: dict[str, np.ndarray], variants: Sequence[str]):
             seed_band(axes[r, 0], steps, m["loss_max"] - m["loss_min"], COLORS[v], LABELS[v])
             seed_band(axes[r, 1], steps, m["change_max"], COLORS[v], LABELS[v])
             seed_band(axes[r, 2], steps, m["beta"], COLORS[v], LABELS[v])
-        axes[r, 0].set_ylabel(f"{LABELS[arch]}\nloss range width")
-        axes[r, 1].set_ylabel("largest gradient change")
-        axes[r, 2].set_ylabel("effective β")
-        for ax in axes[r]:
-            ax.set_yscale("log")
-    for ax in axes[1]:
-        ax.set_xlabel("training step")
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish_arch_rows(fig, axes, ("loss range width", "largest gradient change", "effective β"))
 
 
 def plot_theorem(A: dict[str, np.ndarray]):
